@@ -1,0 +1,1 @@
+"""The vote store and the science on it: SQLAlchemy and pandas, never torch or gradio."""
