@@ -1,0 +1,59 @@
+"""Shared fixtures: the vote store on SQLite and on a real PostgreSQL server started for the session."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from study.blobs import BlobStore
+from study.db import make_engine, upgrade
+from study.pgtemp import TempPostgres, find_pg_bin
+from study.votes import VoteService
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TempPostgres]:
+    """A private PostgreSQL server; skipped without server binaries, except in CI where it must run."""
+    if find_pg_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must test PostgreSQL, but no server binaries were found (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed; apt-get install postgresql")
+    server = TempPostgres.start()
+    yield server
+    server.stop()
+
+
+def _reset_postgres(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database URL on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'votes.db'}"
+    server: TempPostgres = request.getfixturevalue("pg_server")
+    _reset_postgres(server.url)
+    return server.url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a freshly migrated database."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def service(engine: Engine, tmp_path: Path) -> VoteService:
+    """The vote service over a fresh database and blob store."""
+    return VoteService(engine, BlobStore(tmp_path / "blobs"))
