@@ -3,11 +3,12 @@ from __future__ import annotations
 
 CHOICES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
 
-# VisionPrefer's four aspects for generation, HPIR's three for retrieval, AesExpert-style for critique.
+# The vote's own choice is the overall judgement; aspects are the optional finer ones:
+# VisionPrefer's four for generation, HPIR's three for retrieval, accuracy and insight for critique.
 TASK_ASPECTS: dict[str, tuple[str, ...]] = {
     "generation": ("prompt_following", "aesthetic", "fidelity", "harmlessness"),
     "retrieval": ("accuracy", "aesthetic", "diversity"),
-    "critique": ("overall", "accuracy", "insight"),
+    "critique": ("accuracy", "insight"),
 }
 
 TASKS: tuple[str, ...] = tuple(TASK_ASPECTS)

@@ -1,0 +1,53 @@
+"""What every tab receives: settings, the resolved profile, the engine registry and the vote service."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.registry import Profile, Registry, resolve_profile
+from study.blobs import BlobStore
+from study.db import default_url, make_engine, upgrade
+from study.leaderboard import LeaderboardConfig
+from study.votes import VoteService
+
+# Every event that runs a model on the device shares this id, so the queue never oversubscribes it.
+DEVICE_CONCURRENCY_ID = "model-device"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the app runs: `python app.py --profile … --db … --host … --port …`."""
+
+    profile: str | None = None
+    db: str | None = None
+    home: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_max_size: int = 64
+    leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+
+
+@dataclass
+class AppContext:
+    """The shared services the tabs use; tabs reach nothing past these."""
+
+    settings: Settings
+    profile: Profile
+    profile_note: str
+    registry: Registry
+    votes: VoteService
+
+
+def build_context(settings: Settings) -> AppContext:
+    """Resolve the profile, migrate the database and register the profile's systems as contestants."""
+    profile, note = resolve_profile(settings.profile)
+    engine = make_engine(settings.db or default_url(settings.home))
+    upgrade(engine)
+    votes = VoteService(engine, BlobStore(settings.home / "blobs"))
+    for task, specs in profile.systems.items():
+        for spec in specs:
+            votes.register_system(task, spec.name, engine=spec.engine, config=spec.settings, weight=spec.weight)
+    registry = Registry(profile, settings.home)
+    if profile.eager:
+        registry.load_eager()
+    return AppContext(settings, profile, note, registry, votes)

@@ -1,0 +1,69 @@
+"""The Leaderboard tab: Bradley–Terry ratings with bootstrap intervals, per task and aspect."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+from matplotlib.figure import Figure
+
+from demos.context import AppContext
+from study.counts import load_counts
+from study.leaderboard import Standing, compute_leaderboard
+from study.plots import ratings_figure
+from study.tasks import TASK_ASPECTS, TASKS
+
+OVERALL = "overall"
+COLUMNS = ["Rank", "System", "Rating", "95% CI", "Votes", "Status"]
+
+
+def aspect_choices(task: str) -> list[str]:
+    """The overall vote plus the task's aspects."""
+    return [OVERALL, *TASK_ASPECTS[task]]
+
+
+def standings_table(standings: list[Standing]) -> pd.DataFrame:
+    """The board as people read it: rounded ratings and the interval as +/− offsets."""
+    return pd.DataFrame(
+        [(s.rank, s.system, round(s.rating), f"+{s.ci_high - s.rating:.0f} / −{s.rating - s.ci_low:.0f}", s.votes,
+          "preliminary" if s.preliminary else "") for s in standings],
+        columns=COLUMNS)
+
+
+def build(ctx: AppContext) -> None:
+    """Lay out the tab and wire refresh, task and aspect changes."""
+    config = ctx.settings.leaderboard
+
+    def refresh(task: str, aspect: str) -> tuple[pd.DataFrame, Figure, str]:
+        """Fit the board for one task and aspect from the stored votes."""
+        if task not in TASKS:
+            raise gr.Error(f"Unknown task {task!r}. Pick one of: {', '.join(TASKS)}.")
+        if aspect not in aspect_choices(task):
+            raise gr.Error(f"{task} has no aspect {aspect!r}. Pick one of: {', '.join(aspect_choices(task))}.")
+        counts = load_counts(ctx.votes.engine, task, None if aspect == OVERALL else aspect)
+        standings = compute_leaderboard(counts, config)
+        total = int(counts["n"].sum())
+        note = (f"{total} votes counted. Systems with fewer than {config.preliminary_below} votes are "
+                f"*preliminary*; those under {config.min_votes} are hidden." if total else
+                "No votes yet for this task and aspect.")
+        return standings_table(standings), ratings_figure(standings, f"{task} · {aspect}"), note
+
+    def aspects_for(task: str) -> gr.Dropdown:
+        return gr.Dropdown(choices=aspect_choices(task), value=OVERALL)
+
+    with gr.Tab("Leaderboard"):
+        with gr.Row():
+            task = gr.Dropdown(list(TASKS), value=TASKS[0], label="Task")
+            # Custom values pass the dropdown so API callers can name any task's aspect; refresh validates.
+            aspect = gr.Dropdown(aspect_choices(TASKS[0]), value=OVERALL, label="Aspect", allow_custom_value=True)
+            button = gr.Button("Refresh", variant="secondary")
+        note = gr.Markdown()
+        table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Ratings")
+        plot = gr.Plot(label="Ratings with 95% intervals")
+
+    outputs = [table, plot, note]
+    button.click(refresh, [task, aspect], outputs, api_name="leaderboard",
+                 api_description="Bradley–Terry leaderboard of one task and aspect: table, plot, note.")
+    task.change(aspects_for, task, aspect, api_visibility="private").then(
+        refresh, [task, aspect], outputs, api_visibility="private")
+    aspect.input(refresh, [task, aspect], outputs, api_visibility="private")
+    # No triggers and no inputs: runs once per page load, so a visitor sees the board straight away.
+    gr.on(None, lambda: refresh(TASKS[0], OVERALL), None, outputs, api_visibility="private")

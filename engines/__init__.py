@@ -1,0 +1,1 @@
+"""Model back ends: torch, transformers, diffusers, open_clip, peft. No gradio, no SQL."""
