@@ -41,9 +41,11 @@ def build(ctx: AppContext) -> None:
         counts = load_counts(ctx.votes.engine, task, None if aspect == OVERALL else aspect)
         standings = compute_leaderboard(counts, config)
         total = int(counts["n"].sum())
-        note = (f"{total} votes counted. Systems with fewer than {config.preliminary_below} votes are "
-                f"*preliminary*; those under {config.min_votes} are hidden." if total else
-                "No votes yet for this task and aspect.")
+        note = f"{total} votes counted. Systems with fewer than {config.preliminary_below} votes are *preliminary*."
+        if config.min_votes:
+            note += f" Systems with fewer than {config.min_votes} votes are not shown yet."
+        if not total:
+            note = "No votes yet for this task and aspect."
         return standings_table(standings), ratings_figure(standings, f"{task} · {aspect}"), note
 
     def aspects_for(task: str) -> gr.Dropdown:
@@ -56,7 +58,7 @@ def build(ctx: AppContext) -> None:
             aspect = gr.Dropdown(aspect_choices(TASKS[0]), value=OVERALL, label="Aspect", allow_custom_value=True)
             button = gr.Button("Refresh", variant="secondary")
         note = gr.Markdown()
-        table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Ratings")
+        table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Ratings", elem_id="ratings-table")
         plot = gr.Plot(label="Ratings with 95% intervals")
 
     outputs = [table, plot, note]

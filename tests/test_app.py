@@ -1,8 +1,6 @@
 """The app shell through gradio_client: it starts offline on tiny, and the leaderboard API answers."""
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,43 +8,17 @@ from gradio_client import Client
 
 from app import build_app, parse_settings
 from demos.context import Settings
-from study.blobs import BlobStore, Output
-from study.db import make_engine
-from study.votes import Matchup, VoteService
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """A running app on the tiny profile with a few generation votes already stored."""
-    home = tmp_path_factory.mktemp("home")
-    demo = build_app(Settings(profile=None, home=home, port=_free_port()))
-    votes = VoteService(make_engine(f"sqlite:///{home / 'aesarena.db'}"), BlobStore(home / "blobs"))
-    for name in ("strong", "weak"):
-        votes.register_system("generation", name)
-    for i in range(12):
-        opened = votes.open_comparison(Matchup("generation", "strong", "weak"), f"prompt {i}",
-                                       Output(f"s{i}".encode(), "text/plain"), Output(f"w{i}".encode(), "text/plain"))
-        votes.record_vote(opened.token, "a" if i < 10 else "tie", {"aesthetic": "b"})
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
-    yield url, home
-    demo.close()
-
-
-def test_offline_start_falls_back_to_tiny_and_says_why(served: tuple[str, Path]) -> None:
-    url, _ = served
+def test_offline_start_falls_back_to_tiny_and_says_why(served_app: tuple[str, Path]) -> None:
+    url, _ = served_app
     config = Client(url, verbose=False).config
     texts = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
     assert "Tiny profile" in texts and "Hugging Face Hub is unreachable" in texts
 
 
-def test_leaderboard_api_ranks_the_stronger_system_first(served: tuple[str, Path]) -> None:
-    url, _ = served
+def test_leaderboard_api_ranks_the_stronger_system_first(served_app: tuple[str, Path]) -> None:
+    url, _ = served_app
     table, _plot, note = Client(url, verbose=False).predict("generation", "overall", api_name="/leaderboard")
     rows = table["data"]
     assert [row[1] for row in rows] == ["strong", "weak"]
@@ -54,8 +26,8 @@ def test_leaderboard_api_ranks_the_stronger_system_first(served: tuple[str, Path
     assert rows[0][5] == "preliminary" and "12 votes counted" in note
 
 
-def test_leaderboard_api_per_aspect(served: tuple[str, Path]) -> None:
-    url, _ = served
+def test_leaderboard_api_per_aspect(served_app: tuple[str, Path]) -> None:
+    url, _ = served_app
     table, _plot, _note = Client(url, verbose=False).predict("generation", "aesthetic", api_name="/leaderboard")
     assert [row[1] for row in table["data"]] == ["weak", "strong"], "every aesthetic choice went to B"
     table, _plot, note = Client(url, verbose=False).predict("retrieval", "diversity", api_name="/leaderboard")
@@ -65,9 +37,9 @@ def test_leaderboard_api_per_aspect(served: tuple[str, Path]) -> None:
 
 @pytest.mark.parametrize("task, aspect, message", [("music", "overall", "music"),
                                                     ("generation", "diversity", "has no aspect")])
-def test_leaderboard_api_refuses_bad_input_clearly(served: tuple[str, Path], task: str, aspect: str,
+def test_leaderboard_api_refuses_bad_input_clearly(served_app: tuple[str, Path], task: str, aspect: str,
                                                    message: str) -> None:
-    url, _ = served
+    url, _ = served_app
     client = Client(url, verbose=False)
     with pytest.raises(Exception, match=message):
         client.predict(task, aspect, api_name="/leaderboard")

@@ -1,0 +1,49 @@
+"""The app in real Chromium: the tiny banner shows, and the leaderboard renders its table and plot."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Debian's Chromium driven by Playwright; `playwright install` cannot download a browser here."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser tests, but Chromium is missing (apt-get install chromium)")
+        pytest.skip("Chromium not installed; apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # Background networking off: this machine's closed network would refuse its connections.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_banner_and_leaderboard_render(browser, served_app: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = served_app
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    banner = page.locator("#profile-banner")
+    banner.wait_for(timeout=30_000)
+    assert "Tiny profile" in banner.inner_text()
+    table = page.locator("#ratings-table")
+    table.get_by_test_id("cell-0-1").get_by_text("strong", exact=True).wait_for(timeout=30_000)
+    assert "weak" in table.inner_text() and "preliminary" in table.inner_text()
+    page.get_by_text("12 votes counted").wait_for()
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_text("12 votes counted").wait_for()
+    page.get_by_role("tab", name="About").click()
+    page.get_by_text("Bradley–Terry maximum likelihood").wait_for()
+    page.screenshot(path=str(tmp_path / "about.png"))
+    page.close()
