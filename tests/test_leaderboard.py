@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
+from scipy.stats import binom
 
 from study.leaderboard import (
     OUTCOMES,
@@ -175,7 +176,8 @@ def test_overlapping_intervals_share_a_rank() -> None:
 def test_min_votes_hides_but_still_fits_and_ranks_among_shown() -> None:
     rs = [("D", "X", "a", 90), ("X", "Y", "a", 60), ("X", "Y", "b", 60)]
     everyone = {s.system: s for s in compute_leaderboard(frame(rs), LeaderboardConfig(bootstrap_rounds=200))}
-    config = LeaderboardConfig(bootstrap_rounds=200, min_votes=100, preliminary_below=150)
+    # Thresholds sit exactly on vote counts: Y (120) is shown, X (210) is not preliminary.
+    config = LeaderboardConfig(bootstrap_rounds=200, min_votes=120, preliminary_below=210)
     shown = {s.system: s for s in compute_leaderboard(frame(rs), config)}
     assert (everyone["D"].rank, everyone["X"].rank, everyone["Y"].rank) == (1, 2, 2)
     assert set(shown) == {"X", "Y"}
@@ -184,6 +186,26 @@ def test_min_votes_hides_but_still_fits_and_ranks_among_shown() -> None:
     assert (shown["X"].preliminary, shown["Y"].preliminary) == (False, True)
     for s in "XY":
         assert shown[s].rating == everyone[s].rating
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_interval_is_the_central_bootstrap_percentile_range(confidence: float) -> None:
+    # With two systems a multinomial bootstrap round is Binomial(N, p) wins for A, and A's anchored
+    # rating is monotone in those wins, so the CI ends sit at A's rating for the binomial quantiles.
+    total, wins = 10_000, 6_000
+    config = LeaderboardConfig(bootstrap_rounds=20_000, anchor="B", confidence=confidence)
+    board = {s.system: s for s in compute_leaderboard(frame([("A", "B", "a", wins), ("B", "A", "a", total - wins)]),
+                                                      config)}
+
+    def rating_with(k: float) -> float:
+        return float(fit_ratings(frame([("A", "B", "a", int(k)), ("A", "B", "b", total - int(k))]), config)["A"])
+
+    # ±4 wins is ~4 standard errors of an empirical 2.5% quantile over 20,000 rounds, and less than
+    # the ~7-win gap between the 97.5% and 96.5% quantiles.
+    tail = (1 - confidence) / 2
+    low_k, high_k = binom.ppf([tail, 1 - tail], total, wins / total)
+    assert rating_with(low_k - 4) <= board["A"].ci_low <= rating_with(low_k + 4)
+    assert rating_with(high_k - 4) <= board["A"].ci_high <= rating_with(high_k + 4)
 
 
 def test_point_ratings_match_leaderboard_and_seed_matters() -> None:
