@@ -19,7 +19,8 @@ def load_counts(engine: Engine, task: str, aspect: str | None = None, *, include
     outcome = VoteAspect.choice if aspect else Vote.choice
     query = (select(Comparison.system_a_id, Comparison.system_b_id, outcome, func.count())
              .select_from(Vote).join(Comparison, Vote.comparison_id == Comparison.id)
-             .where(Comparison.task == task)
+             # A system against itself (two seeds) says nothing about ratings.
+             .where(Comparison.task == task, Comparison.system_a_id != Comparison.system_b_id)
              .group_by(Comparison.system_a_id, Comparison.system_b_id, outcome))
     if aspect:
         query = query.join(VoteAspect, and_(VoteAspect.vote_id == Vote.id, VoteAspect.aspect == aspect))
