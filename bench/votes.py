@@ -47,6 +47,8 @@ ASPECTS = TASK_ASPECTS[TASK]
 OUTPUT_VARIANTS = 16
 MATCHUP_DRAWS = 256
 
+StoredVote = tuple[str, int, dict[str, str]]  # choice, vote id, per-aspect choices
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -305,7 +307,10 @@ def summarize(stats: list[WriterStats], elapsed: float, preopened: int) -> dict:
     new = [ms for s in stats for ms in s.new_latency_ms]
     repeat = [ms for s in stats for ms in s.repeat_latency_ms]
     errors = sum((s.errors for s in stats), collections.Counter())
-    total = lambda name: sum(getattr(s, name) for s in stats)  # noqa: E731
+
+    def total(name: str) -> int:
+        return sum(getattr(s, name) for s in stats)
+
     return {
         "elapsed_s": round(elapsed, 3),
         "acked_new_votes": len(new),
@@ -362,12 +367,13 @@ def run_writers(spec: WorkerSpec, workdir: Path, name: str, kill_after: float | 
     """Run the writer process; SIGKILL it `kill_after` s into its run, else return its summary."""
     spec_path = workdir / f"{name}.spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
-    with open(workdir / f"{name}.stderr", "w") as stderr:
+    stderr_path = workdir / f"{name}.stderr"
+    with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
         if proc.stdout.readline().strip() != "started":
             proc.kill()
-            raise RuntimeError(f"the writer process did not start; see {workdir / (name + '.stderr')}")
+            raise RuntimeError(f"the writer process did not start: {stderr_path.read_text()}")
         if kill_after is not None:
             time.sleep(kill_after)
             os.kill(proc.pid, signal.SIGKILL)
@@ -376,13 +382,13 @@ def run_writers(spec: WorkerSpec, workdir: Path, name: str, kill_after: float | 
             return None
         out, _ = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"the writer process failed ({proc.returncode}): {(workdir / (name + '.stderr')).read_text()}")
+        raise RuntimeError(f"the writer process failed ({proc.returncode}): {stderr_path.read_text()}")
     return json.loads(out.strip().splitlines()[-1])
 
 
-def read_acks(paths: list[Path]) -> tuple[dict[str, tuple[str, int, dict[str, str]]], int, int]:
+def read_acks(paths: list[Path]) -> tuple[dict[str, StoredVote], int, int]:
     """The acknowledged votes by token, how many tokens were acknowledged twice, and torn lines."""
-    acks: dict[str, tuple[str, int, dict[str, str]]] = {}
+    acks: dict[str, StoredVote] = {}
     double_acked = torn = 0
     for path in paths:
         for line in path.read_text().splitlines():
@@ -396,7 +402,7 @@ def read_acks(paths: list[Path]) -> tuple[dict[str, tuple[str, int, dict[str, st
     return acks, double_acked, torn
 
 
-def stored_votes(url: str, blobs: Path) -> tuple[dict[str, tuple[str, int, dict[str, str]]], dict]:
+def stored_votes(url: str, blobs: Path) -> tuple[dict[str, StoredVote], dict]:
     """Every vote in the database by token, and the health checks of a freshly opened engine."""
     engine = make_engine(url, pool_size=1)
     try:
@@ -409,7 +415,8 @@ def stored_votes(url: str, blobs: Path) -> tuple[dict[str, tuple[str, int, dict[
             health["comparisons_with_several_votes"] = len(conn.execute(
                 select(Vote.comparison_id).group_by(Vote.comparison_id).having(func.count() > 1)).all())
             aspects: dict[int, dict[str, str]] = collections.defaultdict(dict)
-            for vote_id, aspect, choice in conn.execute(select(VoteAspect.vote_id, VoteAspect.aspect, VoteAspect.choice)):
+            aspect_rows = conn.execute(select(VoteAspect.vote_id, VoteAspect.aspect, VoteAspect.choice))
+            for vote_id, aspect, choice in aspect_rows:
                 aspects[vote_id][aspect] = choice
             rows = conn.execute(select(Comparison.token, Vote.id, Vote.choice)
                                 .join(Vote, Vote.comparison_id == Comparison.id)).all()
@@ -454,6 +461,7 @@ def bench_backend(backend: str, config: BenchConfig) -> dict:
             result: dict = {"server_version": version}
             logs: list[Path] = []
             rate = config.expected_votes_per_s[backend]
+            # The kill run is given far longer than it lives, so the SIGKILL lands mid-run.
             for phase, seconds, kill_after in (("steady", config.seconds, None),
                                                ("kill", config.kill_after * 3 + 10, config.kill_after)):
                 # Pool for the timed window; the kill run only needs enough to still be voting when killed.
@@ -471,7 +479,8 @@ def bench_backend(backend: str, config: BenchConfig) -> dict:
                 log(f"{backend} {phase}: writing with {config.writers} threads"
                     + (f", SIGKILL after {kill_after} s" if kill_after else f" for {seconds} s"))
                 summary = run_writers(spec, workdir, phase, kill_after)
-                figures = summary or {"killed_after_s": kill_after, "preopened": len(tokens)}
+                figures = summary or {"killed_after_s": kill_after, "preopened": len(tokens),
+                                      "acked_before_kill": len(logs[-1].read_text().splitlines())}
                 figures["preopen_per_s"] = round(len(tokens) / preopen_s, 1)
                 figures["verify"] = verify(url, blobs, logs)
                 if summary:

@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+BACKENDS = ("sqlite", "postgresql")
 
 
 def data_home() -> Path:
@@ -39,6 +40,8 @@ def _tune_sqlite(dbapi_connection, _record) -> None:
 def make_engine(url: str | None = None, pool_size: int = 8) -> Engine:
     """Create an engine; SQLite files get WAL, busy_timeout and foreign keys, and their folder."""
     url_obj = make_url(url or default_url())
+    if url_obj.get_backend_name() not in BACKENDS:
+        raise ValueError(f"the vote store runs on {' or '.join(BACKENDS)}, not {url_obj.get_backend_name()}")
     if url_obj.get_backend_name() == "sqlite":
         if url_obj.database and url_obj.database != ":memory:":
             Path(url_obj.database).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -111,8 +112,23 @@ def _by_token() -> Select:
             .where(Comparison.token == bindparam("token")))
 
 
-# Built once: constructing this aliased join per vote cost more than the database work itself.
+def _insert_blob(s: Session):
+    """An INSERT of the session's dialect, which offers ON CONFLICT DO NOTHING on both backends."""
+    return {"sqlite": sqlite, "postgresql": postgresql}[s.get_bind().dialect.name].insert(Blob)
+
+
+def _votes() -> Select:
+    a, b = aliased(System), aliased(System)
+    return (select(Vote.id.label("vote_id"), Comparison.token, Comparison.task, Vote.choice,
+                   a.name.label("system_a"), b.name.label("system_b"), Vote.counts_for_board, Vote.created_at)
+            .join(Comparison, Vote.comparison_id == Comparison.id)
+            .join(a, Comparison.system_a_id == a.id).join(b, Comparison.system_b_id == b.id))
+
+
+# Built once: constructing these aliased joins per vote cost more than the database work itself.
 _BY_TOKEN = _by_token()
+_VOTES = _votes()
+_VOTE_OF_COMPARISON = _VOTES.where(Vote.comparison_id == bindparam("comparison_id"))
 
 
 class VoteService:
@@ -205,9 +221,9 @@ class VoteService:
         with self.session.begin() as s:
             ids = [self._system_id(s, matchup.task, name) for name in (matchup.system_a, matchup.system_b)]
             for output, sha in ((output_a, sha_a), (output_b, sha_b)):
-                if s.get(Blob, sha) is None:
-                    s.add(Blob(sha256=sha, media_type=output.media_type, size=len(output.data)))
-                    s.flush()
+                # Two rounds may store the same output at once (one query, one ranking): first writer wins.
+                s.execute(_insert_blob(s).values(sha256=sha, media_type=output.media_type, size=len(output.data),
+                                                 created_at=utcnow()).on_conflict_do_nothing())
             s.add(Comparison(token=token, task=matchup.task, prompt=prompt, system_a_id=ids[0], system_b_id=ids[1],
                              output_a=sha_a, output_b=sha_b, meta=dict(meta or {}),
                              participant_id=participant_id, expires_at=expires_at))
@@ -259,7 +275,7 @@ class VoteService:
 
     def list_votes(self, task: str | None = None, limit: int = 100, offset: int = 0) -> list[VoteReceipt]:
         """Votes, newest first."""
-        query = self._vote_query().order_by(Vote.id.desc()).limit(limit).offset(offset)
+        query = _VOTES.order_by(Vote.id.desc()).limit(limit).offset(offset)
         if task:
             query = query.where(Comparison.task == check_task(task))
         with self.session() as s:
@@ -295,14 +311,6 @@ class VoteService:
         return found
 
     @staticmethod
-    def _vote_query():
-        a, b = aliased(System), aliased(System)
-        return (select(Vote.id.label("vote_id"), Comparison.token, Comparison.task, Vote.choice,
-                       a.name.label("system_a"), b.name.label("system_b"), Vote.counts_for_board, Vote.created_at)
-                .join(Comparison, Vote.comparison_id == Comparison.id)
-                .join(a, Comparison.system_a_id == a.id).join(b, Comparison.system_b_id == b.id))
-
-    @staticmethod
     def _comparison(conn: Connection, token: str):
         row = None
         if isinstance(token, str) and 0 < len(token) <= 64:
@@ -313,7 +321,7 @@ class VoteService:
 
     @classmethod
     def _stored_vote(cls, conn: Connection | Session, comparison_id: int) -> VoteReceipt | None:
-        row = conn.execute(cls._vote_query().where(Vote.comparison_id == comparison_id)).one_or_none()
+        row = conn.execute(_VOTE_OF_COMPARISON, {"comparison_id": comparison_id}).one_or_none()
         if row is None:
             return None
         return cls._receipt(row, cls._aspects(conn, [row.vote_id]).get(row.vote_id, {}))

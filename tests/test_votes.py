@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from study.blobs import BlobStore, Output
+from study.db import make_engine
 from study.models import Blob, Comparison, Vote, VoteAspect
 from study.participants import client_address, pseudonym
 from study.votes import (ConflictingVote, ExpiredComparison, Matchup, NotYourComparison, UnknownComparison,
@@ -186,3 +187,14 @@ def test_pseudonyms_hide_the_address() -> None:
     name = pseudonym(b"secret", address, "session-1")
     assert len(name) == 64 and "203" not in name
     assert name != pseudonym(b"secret", address, "session-2") != pseudonym(b"other", address, "session-1")
+
+
+def test_same_new_output_opened_concurrently(arena: VoteService) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        opened = list(pool.map(lambda i: _open(arena, a="shared ranking", b=f"other {i}"), range(16)))
+    assert len({o.output_a for o in opened}) == 1 and len({o.token for o in opened}) == 16
+
+
+def test_only_sqlite_and_postgresql() -> None:
+    with pytest.raises(ValueError, match="runs on sqlite or postgresql"):
+        make_engine("mysql://u@localhost/x")
