@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 PROFILES = Path(__file__).resolve().parent.parent / "assets" / "profiles"
+SCORERS = "scorers"
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Profile:
     eager: bool = False
     device_concurrency: int = 1
     systems: dict[str, tuple[SystemSpec, ...]] = field(default_factory=dict)
+    # Scorers judge outputs (VP-Score, aesthetic heads); they are shown beside battles, never voted on.
+    scorers: tuple[SystemSpec, ...] = ()
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -49,7 +52,8 @@ def load_profile(name_or_path: str) -> Profile:
     raw = yaml.safe_load(path.read_text()) or {}
     systems = {task: tuple(SystemSpec(**spec) for spec in specs or ())
                for task, specs in (raw.pop("systems", None) or {}).items()}
-    return Profile(systems=systems, **raw)
+    scorers = tuple(SystemSpec(**spec) for spec in raw.pop("scorers", None) or ())
+    return Profile(systems=systems, scorers=scorers, **raw)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -98,8 +102,8 @@ class Registry:
         self._guard = threading.Lock()
 
     def specs(self, task: str) -> tuple[SystemSpec, ...]:
-        """The profile's systems for a task."""
-        return self.profile.systems.get(task, ())
+        """The profile's systems for a task; the pseudo-task SCORERS lists the scorers."""
+        return self.profile.scorers if task == SCORERS else self.profile.systems.get(task, ())
 
     def spec(self, task: str, name: str) -> SystemSpec:
         """One system's spec, or a clear error."""
@@ -129,6 +133,6 @@ class Registry:
 
     def load_eager(self) -> None:
         """Build every engine now (ZeroGPU wants models on the device at import time)."""
-        for task, specs in self.profile.systems.items():
-            for spec in specs:
+        for task in (*self.profile.systems, SCORERS):
+            for spec in self.specs(task):
                 self.engine(task, spec.name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -197,10 +197,19 @@ class VoteService:
 
     # comparisons
 
-    def pick_matchup(self, task: str, weights: Mapping[str, float] | None = None) -> Matchup:
-        """Pick two distinct enabled systems with probability ∝ w_a·w_b and randomize the sides."""
-        candidates = self.systems(task)
+    def pick_matchup(self, task: str, weights: Mapping[str, float] | None = None, same_system_rate: float = 0.0,
+                     among: Collection[str] | None = None) -> Matchup:
+        """Two enabled systems (of `among`, if given) drawn ∝ w_a·w_b, sides randomized."""
+        # With probability `same_system_rate` one system meets itself (two seeds): a voter-consistency check.
+        candidates = [c for c in self.systems(task) if among is None or c.name in among]
         weight = {c.name: (weights or {}).get(c.name, c.weight) for c in candidates}
+        if not 0.0 <= same_system_rate <= 1.0:
+            raise ValueError(f"same_system_rate must be within [0, 1], got {same_system_rate}")
+        if same_system_rate and self.rng.random() < same_system_rate:
+            names = [name for name, w in weight.items() if w > 0]
+            if names:
+                name = self.rng.choices(names, weights=[weight[n] for n in names])[0]
+                return Matchup(task, name, name)
         pairs = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:]
                  if weight[a.name] * weight[b.name] > 0]
         if not pairs:

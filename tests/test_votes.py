@@ -198,3 +198,17 @@ def test_same_new_output_opened_concurrently(arena: VoteService) -> None:
 def test_only_sqlite_and_postgresql() -> None:
     with pytest.raises(ValueError, match="runs on sqlite or postgresql"):
         make_engine("mysql://u@localhost/x")
+
+
+def test_same_system_matchups_on_request(arena: VoteService) -> None:
+    draws = [arena.pick_matchup("generation", same_system_rate=1.0) for _ in range(20)]
+    assert all(m.system_a == m.system_b for m in draws)
+    assert not any(m.system_a == m.system_b for m in (arena.pick_matchup("generation") for _ in range(50)))
+    with pytest.raises(ValueError, match="same_system_rate"):
+        arena.pick_matchup("generation", same_system_rate=1.5)
+
+
+def test_matchups_only_among_servable_systems(arena: VoteService) -> None:
+    draws = {frozenset((m.system_a, m.system_b)) for m in
+             (arena.pick_matchup("generation", among={"alpha", "gamma"}) for _ in range(20))}
+    assert draws == {frozenset({"alpha", "gamma"})}
