@@ -7,10 +7,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from demos import about, leaderboard
+from demos import about, generate, leaderboard
 from demos.context import AppContext, Settings, build_context
 
-TABS = (leaderboard, about)
+TABS = (generate, leaderboard, about)
 
 
 def banner(ctx: AppContext) -> str:

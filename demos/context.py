@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engines.registry import Profile, Registry, resolve_profile
 from study.blobs import BlobStore
 from study.db import default_url, make_engine, upgrade
 from study.leaderboard import LeaderboardConfig
+from study.participants import client_address, load_secret, pseudonym
 from study.votes import VoteService
 
 # Every event that runs a model on the device shares this id, so the queue never oversubscribes it.
@@ -24,6 +26,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     queue_max_size: int = 64
+    # Share of generation battles that pit a system against itself with two seeds (voter consistency).
+    same_system_rate: float = 0.0
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
 
 
@@ -36,6 +40,13 @@ class AppContext:
     profile_note: str
     registry: Registry
     votes: VoteService
+    secret: bytes
+
+    def participant(self, request: Any) -> int:
+        """The pseudonymous participant behind a gradio request: keyed hash of address and page session."""
+        peer = request.client.host if request.client else None
+        address = client_address(dict(request.headers), peer)
+        return self.votes.participant(pseudonym(self.secret, address, request.session_hash or ""))
 
 
 def build_context(settings: Settings) -> AppContext:
@@ -50,4 +61,4 @@ def build_context(settings: Settings) -> AppContext:
     registry = Registry(profile, settings.home)
     if profile.eager:
         registry.load_eager()
-    return AppContext(settings, profile, note, registry, votes)
+    return AppContext(settings, profile, note, registry, votes, load_secret(settings.home))

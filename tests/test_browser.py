@@ -37,6 +37,7 @@ def test_banner_and_leaderboard_render(browser, served_app: tuple[str, Path], tm
     banner = page.locator("#profile-banner")
     banner.wait_for(timeout=30_000)
     assert "Tiny profile" in banner.inner_text()
+    page.get_by_role("tab", name="Leaderboard").click()
     table = page.locator("#ratings-table")
     table.get_by_test_id("cell-0-1").get_by_text("strong", exact=True).wait_for(timeout=30_000)
     assert "weak" in table.inner_text() and "preliminary" in table.inner_text()
@@ -46,4 +47,23 @@ def test_banner_and_leaderboard_render(browser, served_app: tuple[str, Path], tm
     page.get_by_role("tab", name="About").click()
     page.get_by_text("Bradley–Terry maximum likelihood").wait_for()
     page.screenshot(path=str(tmp_path / "about.png"))
+    page.close()
+
+
+def test_a_battle_in_the_browser(browser, served_app: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = served_app
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    page.goto(url)
+    vote_a = page.get_by_role("button", name="A is better")
+    vote_a.wait_for(timeout=30_000)
+    assert vote_a.is_disabled(), "no vote before both images are shown"
+    page.get_by_label("Prompt", exact=True).fill("a misty bamboo forest")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    page.get_by_text("Vote to reveal the models").wait_for(timeout=60_000)
+    assert page.locator("img").count() >= 2 and vote_a.is_enabled()
+    vote_a.click()
+    page.get_by_text("Your vote: a").wait_for(timeout=30_000)
+    assert "A** was" not in page.inner_text("body") and "A was tiny-sd" in page.inner_text("body")
+    assert vote_a.is_disabled(), "one vote per battle"
+    page.screenshot(path=str(tmp_path / "battle.png"), full_page=True)
     page.close()
