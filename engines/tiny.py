@@ -5,3 +5,207 @@ small random model and saves it the way the public checkpoint is saved, so tests
 profile go through the real loading path offline. Writers are idempotent: an existing directory is reused.
 """
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _write_once(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write` into a staging folder beside `out` and rename it into place; an existing `out` is reused."""
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One rename at the end: a crash or a concurrent writer never leaves a half-written `out` to be reused.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
+        os.rename(staging, out)
+    except OSError:
+        if not out.is_dir():  # else another writer won the race, and its copy is as good as ours
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+# A few of the released CLIP merges, so that common words become single tokens as they do in the real vocab.
+_CLIP_MERGES = ("t h", "th e</w>", "i n", "o f</w>", "c a", "ca t</w>", "a n", "an d</w>", "o n</w>", "i n</w>")
+
+
+def write_clip_bpe_tokenizer(folder: Path, *, model_max_length: int = 77) -> Any:
+    """Write a small byte-level CLIP BPE vocab.json/merges.txt into `folder` and load a CLIPTokenizer from them."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    # The released vocab's layout: the 256 byte symbols, each again with the end-of-word suffix, the merged
+    # symbols in merge order, and <|startoftext|>, <|endoftext|> as the last two ids.
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + [f"{a}</w>" for a in alphabet] + [m.replace(" ", "") for m in _CLIP_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(_CLIP_MERGES) + "\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def write_random_sd_pipeline(out: Path, *, unet: dict[str, Any], vae: dict[str, Any],
+                             text_encoder: dict[str, Any], seed: int = 0) -> Path:
+    """Write (once) a Stable Diffusion pipeline with random weights of these configs, via `save_pretrained`."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def write(staging: Path) -> None:
+        # The vocab files go into tokenizer/, beside the files save_pretrained adds, as in many Hub repos.
+        tokenizer = write_clip_bpe_tokenizer(staging / "tokenizer")
+        text_config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     max_position_embeddings=tokenizer.model_max_length,
+                                     **{"vocab_size": len(tokenizer), **text_encoder})
+        # fork_rng leaves the caller's RNG alone; the seed makes the checkpoint the same on every machine.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pipe = StableDiffusionPipeline(
+                unet=UNet2DConditionModel(**unet), vae=AutoencoderKL(**vae), text_encoder=CLIPTextModel(text_config),
+                tokenizer=tokenizer,
+                scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1),  # SD 1.5's noise schedule
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        pipe.save_pretrained(staging)
+
+    return _write_once(Path(out), write)
+
+
+# diffusers' get_dummy_components sizes, a little wider: 64 px images (the VAE downsamples by 2) in milliseconds.
+_SD_TINY_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                     attention_head_dim=4, norm_num_groups=8)
+_SD_TINY_VAE = dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+_SD_TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+
+
+def write_tiny_pipeline(root: Path) -> Path:
+    """Write (once) a tiny random Stable Diffusion pipeline under `root` and return its folder."""
+    return write_random_sd_pipeline(Path(root) / "stable-diffusion", unet=_SD_TINY_UNET, vae=_SD_TINY_VAE,
+                                    text_encoder=_SD_TINY_TEXT_ENCODER)
+
+
+def write_tiny_lora(pipeline_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
+    """Write (once) a rank-4 LoRA for the pipeline's UNet, saved the way Diffusion-DPO training saves its LoRA."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    def write(staging: Path) -> None:
+        unet = UNet2DConditionModel.from_pretrained(Path(pipeline_dir) / "unet")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # init_lora_weights=False draws B at random too: the default zero B would make a no-op adapter.
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        StableDiffusionPipeline.save_lora_weights(
+            staging, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+
+    return _write_once(Path(out_dir), write)
+
+
+# A small lowercase BERT vocab: bert-base-uncased's special tokens first, a few words and word pieces, and
+# BLIP's [DEC] and [ENC] last, where BLIP's tokenizer puts them (ids vocab_size - 2 and - 1).
+_BLIP_TINY_WORDS = ("a", "an", "the", "of", "on", "in", "with", "and", "at", "photo", "painting", "portrait",
+                    "cat", "dog", "red", "blue", "green", "sunset", "over", "mountains", "city", "night", "sky",
+                    "woman", "man", "flower", "##s", "##ing", "##ed", ",", ".")
+# ImageReward's sizes scaled down: a 128-wide ViT (BLIP's 64-wide heads, so 2 of them) on 32 px images in
+# 16 px patches, and a 32-wide BERT; the reward MLP keeps ImageReward's hidden widths.
+_IR_TINY_VISION = dict(width=128, depth=2, patch=16, image=32)
+_IR_TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64)
+_IR_HEAD_WIDTHS = (1024, 128, 64, 16)
+
+
+def write_tiny_imagereward(root: Path, *, seed: int = 0) -> Path:
+    """Write (once) a tiny random ImageReward checkpoint under `root`: ImageReward.pt, med_config.json, vocab.txt."""
+    import torch
+
+    def write(staging: Path) -> None:
+        vocab = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_BLIP_TINY_WORDS, "[DEC]", "[ENC]")
+        (staging / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        text = _IR_TINY_TEXT
+        # BLIP's med_config.json fields (a BertConfig); ImageReward replaces encoder_width by the ViT's width.
+        med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+               "hidden_dropout_prob": 0.1, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "model_type": "bert",
+               "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab),
+               "encoder_width": _IR_TINY_VISION["width"], "add_cross_attention": True, **text}
+        (staging / "med_config.json").write_text(json.dumps(med, indent=2) + "\n")
+
+        # The state dict is written here under the ORIGINAL names (BLIP's timm-style ViT, BLIP's med.py BERT,
+        # ImageReward's mlp), not by renaming a transformers model, so loading it tests the name mapping.
+        generator = torch.Generator().manual_seed(seed)
+        state: dict[str, torch.Tensor] = {}
+
+        def normal(*shape: int, std: float) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator) * std
+
+        def linear(name: str, n_in: int, n_out: int) -> None:
+            # fan-in scaling keeps activations O(1), so attention patterns and every weight matter to the output.
+            state[f"{name}.weight"] = normal(n_out, n_in, std=n_in ** -0.5)
+            state[f"{name}.bias"] = normal(n_out, std=0.1)
+
+        def layer_norm(name: str, n: int) -> None:
+            state[f"{name}.weight"] = 1 + normal(n, std=0.1)
+            state[f"{name}.bias"] = normal(n, std=0.1)
+
+        width, patch = _IR_TINY_VISION["width"], _IR_TINY_VISION["patch"]
+        grid = _IR_TINY_VISION["image"] // patch
+        vit = "blip.visual_encoder"
+        state[f"{vit}.cls_token"] = normal(1, 1, width, std=0.5)
+        state[f"{vit}.pos_embed"] = normal(1, grid * grid + 1, width, std=0.5)
+        state[f"{vit}.patch_embed.proj.weight"] = normal(width, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
+        state[f"{vit}.patch_embed.proj.bias"] = normal(width, std=0.1)
+        for i in range(_IR_TINY_VISION["depth"]):
+            block = f"{vit}.blocks.{i}"
+            layer_norm(f"{block}.norm1", width)
+            linear(f"{block}.attn.qkv", width, 3 * width)
+            linear(f"{block}.attn.proj", width, width)
+            layer_norm(f"{block}.norm2", width)
+            linear(f"{block}.mlp.fc1", width, 4 * width)
+            linear(f"{block}.mlp.fc2", 4 * width, width)
+        layer_norm(f"{vit}.norm", width)
+
+        hidden, positions = text["hidden_size"], text["max_position_embeddings"]
+        bert = "blip.text_encoder"
+        state[f"{bert}.embeddings.word_embeddings.weight"] = normal(len(vocab), hidden, std=1.0)
+        state[f"{bert}.embeddings.position_embeddings.weight"] = normal(positions, hidden, std=1.0)
+        layer_norm(f"{bert}.embeddings.LayerNorm", hidden)
+        # med.py registers position_ids as a persistent buffer, so ImageReward.pt carries it.
+        state[f"{bert}.embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
+        for i in range(text["num_hidden_layers"]):
+            layer = f"{bert}.encoder.layer.{i}"
+            for attention, key_width in (("attention", hidden), ("crossattention", width)):
+                linear(f"{layer}.{attention}.self.query", hidden, hidden)
+                linear(f"{layer}.{attention}.self.key", key_width, hidden)
+                linear(f"{layer}.{attention}.self.value", key_width, hidden)
+                linear(f"{layer}.{attention}.output.dense", hidden, hidden)
+                layer_norm(f"{layer}.{attention}.output.LayerNorm", hidden)
+            linear(f"{layer}.intermediate.dense", hidden, text["intermediate_size"])
+            linear(f"{layer}.output.dense", text["intermediate_size"], hidden)
+            layer_norm(f"{layer}.output.LayerNorm", hidden)
+        # BLIP pretraining's contrastive projections (embed_dim 256 there); ImageReward.pt keeps them.
+        linear("blip.vision_proj", width, 16)
+        linear("blip.text_proj", hidden, 16)
+
+        # ImageReward's MLP: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear.
+        sizes = (hidden, *_IR_HEAD_WIDTHS, 1)
+        for index, n_in, n_out in zip((0, 2, 4, 6, 7), sizes, sizes[1:]):
+            linear(f"mlp.layers.{index}", n_in, n_out)
+        torch.save(state, staging / "ImageReward.pt")
+
+    return _write_once(Path(root) / "imagereward", write)
