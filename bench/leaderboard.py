@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from sklearn.linear_model import LogisticRegression
 # Run as `python bench/leaderboard.py`, the repository root is not on sys.path; add it so `study` imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study.counts import load_counts  # noqa: E402
+from study.db import make_engine, upgrade  # noqa: E402
+from study.importer import import_votes  # noqa: E402
 from study.leaderboard import LeaderboardConfig, compute_leaderboard, fit_ratings  # noqa: E402
 
 WINNERS = np.array(["a", "b", "tie", "both_bad"])
@@ -64,6 +68,24 @@ def aggregate(votes: pd.DataFrame) -> pd.DataFrame:
     """Per-vote frame -> counts frame (system_a, system_b, outcome, n), as the DB query will return."""
     counts = votes.groupby(["system_a", "system_b", "winner"], sort=False).size()
     return counts.reset_index(name="n").rename(columns={"winner": "outcome"})
+
+
+def database_stage(votes: pd.DataFrame, counts: pd.DataFrame, repeats: int) -> dict[str, object]:
+    """Import the votes into a fresh SQLite file as `python -m study import-votes` does, then aggregate in SQL."""
+    with tempfile.TemporaryDirectory() as home:
+        path = Path(home) / "votes.jsonl"
+        votes.assign(task="generation").to_json(path, orient="records", lines=True)
+        engine = make_engine(f"sqlite:///{home}/bench.db")
+        upgrade(engine)
+        start = time.perf_counter()
+        report = import_votes(engine, path, home=Path(home))
+        import_s = time.perf_counter() - start
+        aggregate_db_s, from_db = timed(lambda: load_counts(engine, "generation"), repeats)
+        engine.dispose()
+    same = from_db.sort_values(["system_a", "system_b", "outcome"]).reset_index(drop=True).equals(
+        counts.sort_values(["system_a", "system_b", "outcome"]).reset_index(drop=True).astype(from_db.dtypes))
+    return {"import_sqlite_s": import_s, "imported": report.imported, "aggregate_sqlite_s": aggregate_db_s,
+            "db_counts_equal_pandas_counts": same}
 
 
 def reference_design(votes: pd.DataFrame, systems: pd.Index) -> tuple[sparse.csr_matrix, np.ndarray]:
@@ -131,6 +153,7 @@ def run(bench: BenchConfig) -> dict[str, object]:
     fit_ci_s, board = timed(lambda: compute_leaderboard(counts, config), bench.repeats)
     ours = fit_ratings(counts, config).reindex(systems).to_numpy()
 
+    database = database_stage(votes, counts, bench.repeats)
     reference_fit_s, reference = timed(lambda: reference_ratings(votes, systems), 1)
     start = time.perf_counter()
     reference_bootstrap(votes, systems, bench.reference_rounds, bench.seed)
@@ -150,6 +173,7 @@ def run(bench: BenchConfig) -> dict[str, object]:
         "count_rows": len(counts),
         "repeats": bench.repeats,
         "aggregate_s": aggregate_s,
+        **database,
         "fit_ci_s": fit_ci_s,
         "reference_fit_s": reference_fit_s,
         "reference_rounds_run": bench.reference_rounds,
@@ -165,6 +189,8 @@ def run(bench: BenchConfig) -> dict[str, object]:
             "spearman_ge_0.99": spearman >= 0.99,
             "speedup_ge_50": speedup >= 50.0,
             "max_diff_lt_1_point": max_diff < 1.0,
+            "import_1m_sqlite_lt_60s": database["import_sqlite_s"] < 60.0,
+            "aggregate_sqlite_lt_2s": database["aggregate_sqlite_s"] < 2.0,
         },
     }
 

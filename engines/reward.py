@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+from huggingface_hub import hf_hub_download
 from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
 from transformers.initialization import no_init_weights
 from transformers.models.blip.modeling_blip_text import BlipTextModel
@@ -388,7 +389,9 @@ def load_imagereward(checkpoint: Path, med_config: Path | None = None, tokenizer
         raise CheckpointMismatch(source, unexpected=sorted(unmapped))
 
     vision = vision_from_tensors(tensors, source)
-    bert = _blip_tokenizer(Path(tokenizer) if tokenizer is not None else checkpoint.parent)
+    # A vocab file (e.g. one fetched from the Hub) stands for the folder that holds it.
+    tokenizer = Path(tokenizer) if tokenizer is not None else checkpoint.parent
+    bert = _blip_tokenizer(tokenizer.parent if tokenizer.is_file() else tokenizer)
     text = _text_from_med_config(med_config, bert, vision["hidden_size"])
     aspects_to_copy = tuple(a for a in ASPECTS if a != "overall")
     config = VPScoreConfig(vision=vision, text=text, untrained_aspects=aspects_to_copy)
@@ -579,6 +582,9 @@ class VPScoreSettings:
             raise InvalidSettings(f"VP-Score settings: {error}") from None
 
 
+HUB_PREFIX = "hf://"
+
+
 class VPScore(RewardScorer):
     """The registry's VP-Score engine: `VPScore(settings, device=…, dtype=…, home=…).score(prompts, images)`."""
 
@@ -587,7 +593,12 @@ class VPScore(RewardScorer):
         home = Path(home)
 
         def under_home(path: str | None) -> Path | None:
-            return None if path is None else home / Path(path).expanduser()  # an absolute path stays as it is
+            if path is None:
+                return None
+            if path.startswith(HUB_PREFIX):  # hf://owner/repo/file: a file of a Hub repo, cached by huggingface_hub
+                owner, repo, filename = path.removeprefix(HUB_PREFIX).split("/", 2)
+                return Path(hf_hub_download(f"{owner}/{repo}", filename))
+            return home / Path(path).expanduser()  # an absolute path stays as it is
 
         s = self.settings
         if s.checkpoint == "tiny":

@@ -57,3 +57,21 @@ def test_command_line_settings(tmp_path: Path) -> None:
 def test_unknown_profile_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="known profiles: cpu, gpu, tiny"):
         build_app(Settings(profile="nope", home=tmp_path))
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
+def test_every_profile_has_valid_settings(name: str) -> None:
+    """Typos in a profile's settings surface here, without downloading any model."""
+    from engines.generator import Generator, GeneratorConfig
+    from engines.registry import load_profile
+    from engines.reward import VPScore, VPScoreSettings
+
+    profile = load_profile(name)
+    generators = profile.systems.get("generation", ())
+    assert len(generators) >= 2 and profile.scorers, "a generation arena needs two systems and VP-Score"
+    for spec in generators:
+        assert spec.engine == f"{Generator.__module__}:{Generator.__name__}"
+        GeneratorConfig.from_settings(spec.settings)
+    for spec in profile.scorers:
+        assert spec.engine == f"{VPScore.__module__}:{VPScore.__name__}"
+        VPScoreSettings.from_settings(spec.settings)
