@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 # Run as `python bench/generation.py`, the repository root is not on sys.path; add it so `engines` imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine  # noqa: E402
 from engines.generator import Generator  # noqa: E402
 from engines.tiny import write_random_sd_pipeline, write_tiny_pipeline  # noqa: E402
 
@@ -51,20 +51,10 @@ class BenchConfig:
     warmup: int = 2
 
 
-def machine(device: str) -> dict[str, object]:
-    """Where the figures were taken, including how busy the machine was (the CPU may be shared)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "accelerator": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-    }
+def machine_info(device: str) -> dict[str, object]:
+    """Where the figures were taken."""
+    return machine(torch=torch.__version__, torch_threads=torch.get_num_threads(), diffusers=diffusers.__version__,
+                   accelerator=torch.cuda.get_device_name() if device.startswith("cuda") else None)
 
 
 def compare(generator: Generator, bench: BenchConfig, rounds: int) -> dict[str, Any]:
@@ -125,7 +115,7 @@ def run(bench: BenchConfig, workdir: Path) -> dict[str, Any]:
         generator.pipeline.set_progress_bar_config(disable=True)  # the bars would only add noise to both paths
         cases[name] = compare(generator, bench, rounds[name])
     return {
-        "machine": machine(bench.device),
+        "machine": machine_info(bench.device),
         "device": bench.device,
         "dtype": bench.dtype,
         "cases": cases,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 # Run as `python bench/leaderboard.py`, the repository root is not on sys.path; add it so `study` imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine  # noqa: E402
 from study.counts import load_counts  # noqa: E402
 from study.db import make_engine, upgrade  # noqa: E402
 from study.importer import import_votes  # noqa: E402
@@ -131,16 +130,9 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def machine() -> dict[str, object]:
+def machine_info() -> dict[str, object]:
     """Where the figures were taken."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-    }
+    return machine(numpy=np.__version__)
 
 
 def run(bench: BenchConfig) -> dict[str, object]:
@@ -166,7 +158,7 @@ def run(bench: BenchConfig) -> dict[str, object]:
     max_diff = float(np.max(np.abs(ours - reference)))
     speedup = reference_total_s_scaled / fit_ci_s
     return {
-        "machine": machine(),
+        "machine": machine_info(),
         "votes": bench.votes,
         "systems": bench.systems,
         "rounds": bench.rounds,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from transformers import BertTokenizer
 # Run as `python bench/scoring.py`, the repository root is not on sys.path; add it so `engines` imports.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine  # noqa: E402
 from engines.reward import DTYPES, LoadedReward, LoadReport, RewardScorer, VPScoreConfig, VPScoreModel  # noqa: E402
 
 # ImageReward's backbone: BLIP ViT-L/16 at 224 px and med_config.json's BERT-base with cross-attention.
@@ -107,18 +106,10 @@ def median_seconds(fns: dict[str, Callable[[], object]], repeats: int, device: s
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def machine(device: str) -> dict[str, object]:
+def machine_info(device: str) -> dict[str, object]:
     """Where the figures were taken."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-    }
+    return machine(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                   device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu")
 
 
 def run(bench: BenchConfig) -> dict[str, object]:
@@ -136,7 +127,7 @@ def run(bench: BenchConfig) -> dict[str, object]:
                               "preprocess": lambda: scorer.inputs(prompts, images)}, bench.repeats, bench.device)
     ratio = seconds["bare"] / seconds["engine"]
     return {
-        "machine": machine(bench.device),
+        "machine": machine_info(bench.device),
         "model": "VP-Score, random weights: BLIP ViT-L/16 224px + BERT-base (12x768, cross-attention), 5 heads",
         "parameters_m": round(sum(p.numel() for p in scorer.model.parameters()) / 1e6, 1),
         "batch": bench.batch,

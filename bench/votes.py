@@ -11,7 +11,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -35,6 +34,7 @@ import sqlalchemy  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from study.blobs import BlobStore, Output  # noqa: E402
 from study.db import make_engine, upgrade  # noqa: E402
 from study.models import Comparison, Vote, VoteAspect  # noqa: E402
@@ -491,19 +491,10 @@ def bench_backend(backend: str, config: BenchConfig) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def machine() -> dict:
+def machine_info() -> dict:
     """Where the figures were taken."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "sqlalchemy": sqlalchemy.__version__,
-        "psycopg": psycopg.__version__,
-        "tmp_filesystem": filesystem_of(Path(tempfile.gettempdir())),
-    }
+    return machine(sqlite=sqlite3.sqlite_version, sqlalchemy=sqlalchemy.__version__, psycopg=psycopg.__version__,
+                   tmp_filesystem=filesystem_of(Path(tempfile.gettempdir())))
 
 
 def filesystem_of(path: Path) -> str:
@@ -564,7 +555,7 @@ def main() -> None:
     if isinstance(config, str):
         worker_main(config)
         return
-    info = machine()
+    info = machine_info()
     results = {backend: bench_backend(backend, config) for backend in config.backends}
     info["postgresql"] = results.get("postgresql", {}).get("server_version")
     print(json.dumps({

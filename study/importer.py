@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Connection, Engine, func, insert, literal_column, select
+from sqlalchemy import Connection, Engine, insert, literal_column, select
 
 from study.models import Comparison, Participant, System, Vote, VoteAspect
 from study.participants import judge_pseudonym, load_secret
