@@ -45,9 +45,11 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait in the queue")
+    parser.add_argument("--same-system-rate", type=float, default=0.0,
+                        help="share of generation battles of one system against itself with two seeds")
     args = parser.parse_args(argv)
     return Settings(profile=args.profile, db=args.db, home=args.home, host=args.host, port=args.port,
-                    queue_max_size=args.queue_size)
+                    queue_max_size=args.queue_size, same_system_rate=args.same_system_rate)
 
 
 if __name__ == "__main__":
