@@ -209,3 +209,47 @@ def write_tiny_imagereward(root: Path, *, seed: int = 0) -> Path:
         torch.save(state, staging / "ImageReward.pt")
 
     return _write_once(Path(root) / "imagereward", write)
+
+
+# A tiny CLIP in open_clip's own JSON config format; it keeps open_clip's vocabulary (49408) so the
+# bundled BPE tokenizer works unchanged.
+TINY_OPEN_CLIP = "aesarena-tiny-clip"
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_open_clip(root: Path, *, seed: int = 0) -> Path:
+    """A folder with the tiny architecture's open_clip JSON config and a random `open_clip_model.safetensors`."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    def write(staging: Path) -> None:
+        (staging / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2))
+        open_clip.add_model_config(staging)
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "open_clip_model.safetensors")
+
+    out = _write_once(Path(root) / "open_clip", write)
+    open_clip.add_model_config(out)  # registers the config where it now lives (the staging copy is gone)
+    return out
+
+
+def write_tiny_laion_head(root: Path, dim: int, *, seed: int = 0) -> Path:
+    """A random LAION aesthetic head for `dim`-wide embeddings, saved as a plain `.pth` state dict."""
+    import torch
+
+    def write(staging: Path) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        sizes = (dim, 1024, 128, 64, 16, 1)
+        state = {}
+        for index, n_in, n_out in zip((0, 2, 4, 6, 7), sizes, sizes[1:]):
+            state[f"layers.{index}.weight"] = torch.randn(n_out, n_in, generator=generator) / n_in**0.5
+            state[f"layers.{index}.bias"] = torch.randn(n_out, generator=generator) * 0.1
+        torch.save(state, staging / "aesthetic-head.pth")
+
+    return _write_once(Path(root) / f"laion-aesthetic-{dim}", write) / "aesthetic-head.pth"

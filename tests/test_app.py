@@ -62,16 +62,19 @@ def test_unknown_profile_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
 def test_every_profile_has_valid_settings(name: str) -> None:
     """Typos in a profile's settings surface here, without downloading any model."""
-    from engines.generator import Generator, GeneratorConfig
+    from engines.embedder import EmbedderSettings
+    from engines.generator import GeneratorConfig
     from engines.registry import load_profile
-    from engines.reward import VPScore, VPScoreSettings
+    from engines.reward import VPScoreSettings
 
     profile = load_profile(name)
     generators = profile.systems.get("generation", ())
-    assert len(generators) >= 2 and profile.scorers, "a generation arena needs two systems and VP-Score"
+    assert len(generators) >= 2, "a generation arena needs two systems"
     for spec in generators:
-        assert spec.engine == f"{Generator.__module__}:{Generator.__name__}"
+        assert spec.engine == "engines.generator:Generator"
         GeneratorConfig.from_settings(spec.settings)
-    for spec in profile.scorers:
-        assert spec.engine == f"{VPScore.__module__}:{VPScore.__name__}"
-        VPScoreSettings.from_settings(spec.settings)
+    scorers = {spec.engine: spec.settings for spec in profile.scorers}
+    assert set(scorers) == {"engines.reward:VPScore", "engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"}
+    VPScoreSettings.from_settings(scorers["engines.reward:VPScore"])
+    for engine in ("engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"):
+        EmbedderSettings.from_settings(scorers[engine]["embedder"])
