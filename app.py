@@ -9,6 +9,7 @@ import gradio as gr
 
 from demos import about, generate, leaderboard
 from demos.context import AppContext, Settings, build_context
+from study.leaderboard import LeaderboardConfig
 
 TABS = (generate, leaderboard, about)
 
@@ -45,11 +46,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--queue-size", type=int, default=64, help="requests allowed to wait in the queue")
+    parser.add_argument("--min-votes", type=int, default=0, help="hide systems with fewer votes from the board")
     parser.add_argument("--same-system-rate", type=float, default=0.0,
                         help="share of generation battles of one system against itself with two seeds")
     args = parser.parse_args(argv)
     return Settings(profile=args.profile, db=args.db, home=args.home, host=args.host, port=args.port,
-                    queue_max_size=args.queue_size, same_system_rate=args.same_system_rate)
+                    queue_max_size=args.queue_size, same_system_rate=args.same_system_rate,
+                    leaderboard=LeaderboardConfig(min_votes=args.min_votes))
 
 
 if __name__ == "__main__":

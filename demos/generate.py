@@ -36,11 +36,8 @@ class Round:
     """One battle as the server keeps it for a session: never sent to the browser before the vote."""
 
     token: str = ""
-    system_a: str = ""
-    system_b: str = ""
     shown_at: float = 0.0
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    voted: bool = False
 
 
 def score_table(scores: dict[str, dict[str, float]], columns: list[str]) -> pd.DataFrame:
@@ -69,7 +66,7 @@ def build(ctx: AppContext) -> None:
         return found
 
     @gpu
-    def generate(prompt: str, state: Round, request: gr.Request, progress: gr.Progress = gr.Progress()):
+    def generate(prompt: str, request: gr.Request, progress: gr.Progress = gr.Progress()):
         """Open a battle: two anonymous images for the prompt; nothing is stored unless both succeed."""
         prompt = (prompt or "").strip()
         if not prompt:
@@ -104,8 +101,7 @@ def build(ctx: AppContext) -> None:
                                            participant_id=ctx.participant(request), meta=meta)
         except VoteError as error:
             raise gr.Error(str(error)) from None
-        state = Round(opened.token, matchup.system_a, matchup.system_b, time.monotonic(),
-                      {"A": scores[0], "B": scores[1]})
+        state = Round(opened.token, time.monotonic(), {"A": scores[0], "B": scores[1]})
         buttons = [gr.Button(interactive=True) for _ in CHOICE_LABELS]
         return (results[0].image, results[1].image, state, "Which image is better? Vote to reveal the models.",
                 gr.DataFrame(visible=False), *buttons)
@@ -128,13 +124,12 @@ def build(ctx: AppContext) -> None:
                                         participant_id=ctx.participant(request))
         except VoteError as error:
             raise gr.Error(str(error)) from None
-        state.voted = True
         reveal = (f"**A** was **{receipt.system_a}**, **B** was **{receipt.system_b}**. "
                   f"Your vote: {choice}{' (already recorded)' if receipt.repeated else ''}. "
                   "Generate again for a new round.")
         table = score_table(state.scores, ["A", "B"])
         buttons = [gr.Button(interactive=False) for _ in CHOICE_LABELS]
-        return state, reveal, gr.DataFrame(value=table, visible=not table.empty), *buttons
+        return reveal, gr.DataFrame(value=table, visible=not table.empty), *buttons
 
     def score(image: Any, prompt: str) -> pd.DataFrame:
         """Score an uploaded image against a prompt with every scorer of the profile."""
@@ -182,10 +177,10 @@ def build(ctx: AppContext) -> None:
 
     generate_outputs = [image_a, image_b, state, status, reveal, *buttons]
     vote_inputs = [choice, *aspect_inputs, reason, state]
-    vote_outputs = [state, status, reveal, *buttons]
-    go.click(generate, [prompt, state], generate_outputs, api_name="generate", concurrency_id=DEVICE_CONCURRENCY_ID,
+    vote_outputs = [status, reveal, *buttons]
+    go.click(generate, prompt, generate_outputs, api_name="generate", concurrency_id=DEVICE_CONCURRENCY_ID,
              api_description="Two anonymous images for a prompt; opens a battle for this session.")
-    prompt.submit(generate, [prompt, state], generate_outputs, api_visibility="private",
+    prompt.submit(generate, prompt, generate_outputs, api_visibility="private",
                   concurrency_id=DEVICE_CONCURRENCY_ID)
     api_vote.click(vote, vote_inputs, vote_outputs, api_name="vote",
                    api_description="Vote on this session's battle: choice a|b|tie|both_bad, optional aspect "

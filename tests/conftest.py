@@ -69,7 +69,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+# One app per test module, so that votes cast by one module's tests never change another's leaderboard.
+@pytest.fixture(scope="module")
 def served_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A running app started with no profile and no Hub, with a few generation votes already stored."""
     home = tmp_path_factory.mktemp("home")
