@@ -253,3 +253,55 @@ def write_tiny_laion_head(root: Path, dim: int, *, seed: int = 0) -> Path:
         torch.save(state, staging / "aesthetic-head.pth")
 
     return _write_once(Path(root) / f"laion-aesthetic-{dim}", write) / "aesthetic-head.pth"
+
+
+# Words of a tiny Llama-style vocabulary: enough for prompts in tests, and Q-Align's level words whole.
+_TINY_WORDS = ("the a an of and is to in image this how would you rate aesthetics excellent good fair poor bad "
+               "photo color light composition describe what why it colors sharp blurry").split()
+
+
+def write_tiny_llama_tokenizer(folder: Path) -> Any:
+    """A word-level fast tokenizer with Llama's special tokens (<unk>, <s>, </s>), saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(("<unk>", "<s>", "</s>", *_TINY_WORDS, *".,:?!\n"))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_tiny_llava_original(root: Path, *, seed: int = 0) -> Path:
+    """A tiny LLaVA-1.5 in the ORIGINAL format: `llava/` (llava_llama config, original key names, tokenizer)
+    and its separate CLIP vision tower `clip-vision/`, as AesExpert's checkpoint and its mm_vision_tower."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    def write(staging: Path) -> None:
+        torch.manual_seed(seed)
+        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                 num_attention_heads=2, image_size=28, patch_size=14))
+        tower.save_pretrained(staging / "clip-vision")
+        CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(
+            staging / "clip-vision")
+        tokenizer = write_tiny_llama_tokenizer(staging / "llava")
+        text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        llama = LlamaForCausalLM(text)
+        state = {k: v.contiguous() for k, v in llama.state_dict().items()}
+        # mlp2x_gelu: Linear(vision width -> hidden), GELU, Linear(hidden -> hidden), as model.mm_projector.{0,2}.
+        for index, n_in in ((0, 32), (2, 32)):
+            state[f"model.mm_projector.{index}.weight"] = torch.randn(32, n_in) / n_in**0.5
+            state[f"model.mm_projector.{index}.bias"] = torch.randn(32) * 0.02
+        save_file(state, staging / "llava" / "model.safetensors")
+        config = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+                  "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+                  "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+                  "mm_hidden_size": 32, "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+        (staging / "llava" / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _write_once(Path(root) / "llava-original", write)
