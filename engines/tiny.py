@@ -257,7 +257,7 @@ def write_tiny_laion_head(root: Path, dim: int, *, seed: int = 0) -> Path:
 
 # Words of a tiny Llama-style vocabulary: enough for prompts in tests, and Q-Align's level words whole.
 _TINY_WORDS = ("the a an of and is to in image this how would you rate aesthetics excellent good fair poor bad "
-               "photo color light composition describe what why it colors sharp blurry").split()
+               "photo color light composition describe what why it colors sharp blurry USER ASSISTANT").split()
 
 
 def write_tiny_llama_tokenizer(folder: Path) -> Any:

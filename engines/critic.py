@@ -1,0 +1,222 @@
+"""Critics: image-text-to-text models (AesExpert and any transformers VLM) that chat about an image.
+
+Streaming goes through `TextIteratorStreamer` with generation in a worker thread; a cancelled or abandoned
+stream stops generating at the next token. The Q-Align score turns any critic into a 1–5 aesthetic scorer.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer)
+
+from engines.llava_convert import load_or_convert
+from engines.tiny import write_tiny_llava_original
+
+FORMATS = ("transformers", "llava-original")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Q-Align: the five level words and their weights; softmax over their next-token logits, ×4 + 1 for 1–5.
+LEVELS = ("excellent", "good", "fair", "poor", "bad")
+LEVEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+QALIGN_QUESTION = "How would you rate the aesthetics of this image?"
+QALIGN_ANSWER_PREFIX = " The aesthetics of the image is"
+
+
+class CriticError(ValueError):
+    """A request or setting the critic refuses; the message is meant for the person who sent it."""
+
+
+def _check_range(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not (
+            math.isfinite(value) and low <= value <= high):
+        raise CriticError(f"{name} must be {'a whole number ' if integer else ''}between {low} and {high}, "
+                          f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_beams: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("max_new_tokens", self.max_new_tokens, 1, 4096, integer=True)
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("top_p", self.top_p, 0.01, 1.0)
+        _check_range("num_beams", self.num_beams, 1, 8, integer=True)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`."""
+        sampling = self.temperature > 0
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": sampling, "num_beams": self.num_beams,
+                **({"temperature": self.temperature, "top_p": self.top_p} if sampling else {})}
+
+
+@dataclass(frozen=True)
+class CriticSettings:
+    """Which model, in which format, and its default decoding; "tiny" is the tiny original-format LLaVA."""
+
+    model: str
+    format: str = "transformers"
+    vision_tower: str | None = None  # llava-original only: overrides the checkpoint's mm_vision_tower
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise CriticError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> CriticSettings:
+        """Validated settings; unknown keys are refused by name."""
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(settings) - known):
+            raise CriticError(f"unknown critic settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raw = dict(settings)
+        raw["generation"] = GenerationSettings(**raw.get("generation", {}))
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One exchange of a conversation about the image."""
+
+    question: str
+    answer: str
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation once the event is set (a cancelled request, or a reader that went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
+        return self.event.is_set()
+
+
+def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """LLaVA-1.5's `image_aspect_ratio: pad`: centre the image on a square of the processor's mean colour."""
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in mean))
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
+
+
+class Critic:
+    """`Critic(settings, device=…, dtype=…, home=…)`: chat about one image, streamed; Q-Align scores."""
+
+    def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
+        self.settings = CriticSettings.from_settings(settings)
+        if dtype not in DTYPES:
+            raise CriticError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        home, s = Path(home), self.settings
+        self.image_aspect_ratio = "square"
+        if s.format == "llava-original":
+            source, tower = s.model, s.vision_tower
+            if s.model == "tiny":
+                written = write_tiny_llava_original(home / "tiny")
+                source, tower = written / "llava", written / "clip-vision"
+            cache = home / "converted" / str(source).strip("/").replace("/", "--")
+            self.model, self.processor, self.image_aspect_ratio = load_or_convert(source, cache, tower)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(s.model, dtype=DTYPES[dtype])
+            self.processor = AutoProcessor.from_pretrained(s.model)
+        self.model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.tokenizer = self.processor.tokenizer
+        self.context = self.model.config.get_text_config().max_position_embeddings
+
+    def _image(self, image: Image.Image) -> Image.Image:
+        if self.image_aspect_ratio == "pad":
+            return pad_to_square(image, self.processor.image_processor.image_mean)
+        return image
+
+    def _inputs(self, image: Image.Image, history: Sequence[Turn], question: str, answer_prefix: str = "",
+                reserve: int = 0) -> dict[str, torch.Tensor]:
+        """Processor inputs for the conversation so far plus the new question; the image opens the first turn."""
+        if not isinstance(question, str) or not question.strip():
+            raise CriticError("the question is empty; please ask something about the image")
+        messages: list[dict[str, Any]] = []
+        for i, turn in enumerate([*history, Turn(question.strip(), "")]):
+            content = [{"type": "text", "text": turn.question}]
+            messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + content})
+            if turn.answer:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True) + answer_prefix
+        inputs = self.processor(images=self._image(image), text=text, return_tensors="pt").to(self.model.device)
+        length = inputs["input_ids"].shape[1]
+        if length + reserve > self.context:
+            raise CriticError(f"the conversation is {length} tokens long and the answer needs {reserve} more, but "
+                              f"this critic reads at most {self.context}; please ask a shorter question or clear "
+                              "the chat")
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def stream(self, image: Image.Image, question: str, history: Sequence[Turn] = (),
+               generation: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
+        """The answer as it grows; setting `cancel`, or closing the iterator, stops the model at the next token."""
+        generation = generation or self.settings.generation
+        inputs = self._inputs(image, history, question, reserve=generation.max_new_tokens)
+        cancel = cancel or threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        worker = threading.Thread(target=self.model.generate, kwargs={
+            **inputs, **generation.generate_kwargs(), "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}, daemon=True)
+        worker.start()
+        answer = ""
+        try:
+            for piece in streamer:
+                answer += piece
+                yield answer.strip()
+        finally:
+            cancel.set()
+            worker.join()
+
+    def answer(self, image: Image.Image, question: str, history: Sequence[Turn] = (),
+               generation: GenerationSettings | None = None) -> str:
+        """The whole answer at once (the last value of `stream`)."""
+        answer = ""
+        for answer in self.stream(image, question, history, generation):
+            pass
+        return answer
+
+    def aesthetic_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Q-Align: softmax over the level words' next-token logits, weighted 1…0, mapped to 1–5."""
+        ids = [self.tokenizer(word, add_special_tokens=False).input_ids[0] for word in LEVELS]
+        weights = torch.tensor(LEVEL_WEIGHTS)
+        scores = []
+        with torch.inference_mode():
+            for image in images:
+                inputs = self._inputs(image, (), QALIGN_QUESTION, QALIGN_ANSWER_PREFIX)
+                logits = self.model(**inputs).logits[0, -1, ids].float().cpu()
+                scores.append(float(torch.softmax(logits, dim=0) @ weights) * 4 + 1)
+        return np.asarray(scores, dtype=np.float32)
+
+
+class QAlignScore:
+    """Any critic as an aesthetic scorer (1–5) behind the scorer interface; the prompt plays no part."""
+
+    aspects = ("aesthetic",)
+    untrained_aspects: tuple[str, ...] = ()
+
+    def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
+        raw = dict(settings)
+        self.name = raw.pop("name", "Q-Align")
+        self.critic = Critic(raw, device=device, dtype=dtype, home=home)
+
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """One 1–5 score per image."""
+        if isinstance(prompts, str) or len(prompts) != len(images):
+            raise CriticError("give one prompt per image, as a list")
+        return {"aesthetic": self.critic.aesthetic_scores(images)}
