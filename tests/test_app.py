@@ -62,6 +62,7 @@ def test_unknown_profile_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["tiny", "cpu", "gpu"])
 def test_every_profile_has_valid_settings(name: str) -> None:
     """Typos in a profile's settings surface here, without downloading any model."""
+    from engines.critic import CriticSettings
     from engines.embedder import EmbedderSettings
     from engines.generator import GeneratorConfig
     from engines.registry import load_profile
@@ -74,7 +75,11 @@ def test_every_profile_has_valid_settings(name: str) -> None:
         assert spec.engine == "engines.generator:Generator"
         GeneratorConfig.from_settings(spec.settings)
     scorers = {spec.engine: spec.settings for spec in profile.scorers}
-    assert set(scorers) == {"engines.reward:VPScore", "engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"}
+    assert {"engines.reward:VPScore", "engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"} <= set(
+        scorers) <= {"engines.reward:VPScore", "engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore",
+                     "engines.critic:QAlignScore"}
     VPScoreSettings.from_settings(scorers["engines.reward:VPScore"])
     for engine in ("engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"):
         EmbedderSettings.from_settings(scorers[engine]["embedder"])
+    if "engines.critic:QAlignScore" in scorers:
+        CriticSettings.from_settings({k: v for k, v in scorers["engines.critic:QAlignScore"].items() if k != "name"})
