@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
                           TextIteratorStreamer)
 
+from engines.adapters import ImageAdapters
 from engines.llava_convert import load_or_convert
 from engines.tiny import write_tiny_llava_original
 
@@ -70,6 +71,7 @@ class CriticSettings:
     model: str
     format: str = "transformers"
     vision_tower: str | None = None  # llava-original only: overrides the checkpoint's mm_vision_tower
+    adapters: str | None = None  # ArtGPT-4-style image adapters (safetensors, under the data home) to switch on
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,9 @@ class Critic:
             self.model = AutoModelForImageTextToText.from_pretrained(s.model, dtype=DTYPES[dtype])
             self.processor = AutoProcessor.from_pretrained(s.model)
         self.model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.adapters = None
+        if s.adapters:
+            self.adapters = ImageAdapters.for_model(self.model).load(home / s.adapters).attach(self.model)
         self.tokenizer = self.processor.tokenizer
         self.context = self.model.config.get_text_config().max_position_embeddings
 

@@ -90,3 +90,17 @@ def test_llava_pads_to_square_with_the_mean_colour() -> None:
     square = pad_to_square(Image.new("RGB", (40, 20), (255, 0, 0)), (0.5, 0.25, 0.0))
     assert square.size == (40, 40)
     assert square.getpixel((0, 0)) == (128, 64, 0) and square.getpixel((20, 20)) == (255, 0, 0)
+
+
+def test_adapters_switch_on_per_system(home: Path, critic: Critic, image: Image.Image) -> None:
+    from engines.adapters import ImageAdapters
+
+    adapters = ImageAdapters.for_model(critic.model)
+    torch.manual_seed(0)
+    for adapter in adapters.adapters:
+        torch.nn.init.normal_(adapter.up.weight, std=2.0)
+    adapters.save(home / "adapters" / "art.safetensors")
+    adapted = Critic({**TINY, "adapters": "adapters/art.safetensors"}, device="cpu", dtype="float32", home=home)
+    inputs = critic._inputs(image, (), "rate the image")
+    with torch.no_grad():
+        assert not torch.allclose(adapted.model(**inputs).logits, critic.model(**inputs).logits)
