@@ -72,20 +72,30 @@ def build(ctx: AppContext) -> None:
                 raise gr.Error(str(error)) from None
 
     @gpu
-    def chat(path: str | None, question: str, critic: str, state: Chat) -> Iterator[tuple[list[dict], Chat]]:
-        """Ask the chosen critic about the image; the answer streams into the chat."""
+    def chat(path: str | None, question: str, critic: str, state: Chat) -> Iterator[tuple[list[dict], float, Chat]]:
+        """Ask the chosen critic about the image; the answer streams, beside the critic's Q-Align score."""
         if critic not in names:
             raise gr.Error(f"Unknown critic {critic!r}; choose one of {', '.join(names)}.")
         image = intake(path)
         if state.image is None or state.image.tobytes() != image.tobytes():
             state = Chat(image)  # a new picture starts a new conversation
+        engine = registry.engine(TASK, critic)  # engine() takes this lock itself while building: lock after
+        with registry.lock(TASK, critic):
+            [score] = engine.aesthetic_scores([image])
         history = [m for t in state.turns for m in ({"role": "user", "content": t.question},
                                                      {"role": "assistant", "content": t.answer})]
         answer = ""
         for answer in run(critic, image, question, state.turns):
-            yield [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer}], state
+            yield [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer}], \
+                round(float(score), 3), state
         state.turns.append(Turn(question.strip(), answer))
-        yield [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer}], state
+
+    def regenerate(path: str | None, critic: str, state: Chat) -> Iterator[tuple[list[dict], float, Chat]]:
+        """Ask the last question again, in place of its answer."""
+        if not state.turns:
+            raise gr.Error("There is no answer to regenerate yet.")
+        last = state.turns.pop()
+        yield from chat(path, last.question, critic, state)
 
     @gpu
     def battle(path: str | None, question: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
@@ -136,12 +146,14 @@ def build(ctx: AppContext) -> None:
                 with gr.Column(scale=1):
                     chat_image = gr.File(label="Image", file_types=["image"], type="filepath")
                     critic_name = gr.Dropdown(names, value=names[0], label="Critic")
+                    score = gr.Number(label="Aesthetic score (Q-Align, 1–5)", interactive=False, precision=3)
                 with gr.Column(scale=2):
                     chatbot = gr.Chatbot(label="Critique", height=360)
                     question = gr.Textbox(label="Question", placeholder="Ask about the image…")
                     gr.Examples([[q] for q in SUGGESTED], question, label="AesExpert's progressive questions")
                     with gr.Row():
                         ask = gr.Button("Ask", variant="primary")
+                        again = gr.Button("Regenerate")
                         clear = gr.Button("Clear")
         with gr.Tab("Battle"):
             battle_state = gr.State(Battle())
@@ -160,10 +172,14 @@ def build(ctx: AppContext) -> None:
             choice = gr.Textbox(visible=False)
             api_vote = gr.Button(visible=False)
 
-    ask.click(chat, [chat_image, question, critic_name, chat_state], [chatbot, chat_state], api_name="chat",
+    chat_outputs = [chatbot, score, chat_state]
+    ask.click(chat, [chat_image, question, critic_name, chat_state], chat_outputs, api_name="chat",
               concurrency_id=DEVICE_CONCURRENCY_ID,
-              api_description="Ask a critic about an image; the answer streams. History is kept per session.")
-    clear.click(lambda: ([], Chat()), None, [chatbot, chat_state], api_visibility="private")
+              api_description="Ask a critic about an image; the answer streams beside the critic's Q-Align score "
+                              "(1–5). History is kept per session.")
+    again.click(regenerate, [chat_image, critic_name, chat_state], chat_outputs, api_name="regenerate",
+                concurrency_id=DEVICE_CONCURRENCY_ID, api_description="Answer the last chat question again.")
+    clear.click(lambda: ([], None, Chat()), None, chat_outputs, api_visibility="private")
     battle_outputs = [answer_a, answer_b, battle_state, status, *buttons]
     start.click(battle, [battle_image, battle_question], battle_outputs, api_name="battle",
                 concurrency_id=DEVICE_CONCURRENCY_ID,

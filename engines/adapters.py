@@ -7,6 +7,9 @@ the layer's input x, and a hook on `self_attn` returns a + adapter_delta(x + a),
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +72,19 @@ class ImageAdapters(nn.Module):
             raise AdapterError(f"{len(self.adapters)} adapters for a model with {len(layers)} decoder layers")
         self.detach()
         for layer, adapter in zip(layers, self.adapters):
-            seen: dict[str, torch.Tensor] = {}
+            # Per thread: the critic generates in worker threads, and one forward must not see another's input.
+            seen = threading.local()
 
-            def keep_input(module: nn.Module, args: tuple, kwargs: dict, seen: dict = seen) -> None:
-                seen["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            def keep_input(module: nn.Module, args: tuple, kwargs: dict, seen: threading.local = seen) -> None:
+                seen.x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-            def adapt(module: nn.Module, args: tuple, output: Any, seen: dict = seen,
+            def adapt(module: nn.Module, args: tuple, output: Any, seen: threading.local = seen,
                       adapter: BottleneckAdapter = adapter) -> Any:
+                x = seen.__dict__.pop("x")  # popped even when disabled, so no activation outlives its forward
                 if not self.enabled:
                     return output
                 attended = output[0] if isinstance(output, tuple) else output
-                changed = attended + adapter(seen.pop("x") + attended)
+                changed = attended + adapter(x + attended)
                 return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
             self._handles += [layer.register_forward_pre_hook(keep_input, with_kwargs=True),
@@ -91,6 +96,15 @@ class ImageAdapters(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The model without its adapters inside the block (a reference model for training or comparison)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
 
     def save(self, path: Path) -> Path:
         """The adapter weights alone, as safetensors."""
@@ -110,3 +124,22 @@ class ImageAdapters(nn.Module):
                                f"{missing[:10]}, wrong shapes {wrong[:10]}")
         self.load_state_dict(state)
         return self
+
+
+def artgpt4_trainable(model: nn.Module, adapters: ImageAdapters) -> list[str]:
+    """Freeze all but ArtGPT-4's trainable set, and return the model's parameter names left trainable.
+
+    ArtGPT-4 trains the adapters, every post_attention_layernorm, the input_layernorm of even layers, and the
+    image projection into the LLM (its `llama_proj`; a Llava model's `multi_modal_projector`).
+    """
+    model.requires_grad_(False)
+    adapters.requires_grad_(True)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.post_attention_layernorm.requires_grad_(True)
+        if index % 2 == 0:
+            layer.input_layernorm.requires_grad_(True)
+    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    if projector is None:
+        raise AdapterError(f"{type(model).__name__} has no multi_modal_projector, the image projection to train")
+    projector.requires_grad_(True)
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]

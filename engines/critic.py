@@ -1,7 +1,8 @@
 """Critics: image-text-to-text models (AesExpert and any transformers VLM) that chat about an image.
 
 Streaming goes through `TextIteratorStreamer` with generation in a worker thread; a cancelled or abandoned
-stream stops generating at the next token. The Q-Align score turns any critic into a 1–5 aesthetic scorer.
+stream stops generating at the next token, and an error in the worker reaches the reader. The Q-Align score
+turns any critic into a 1–5 aesthetic scorer.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
 from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
                           TextIteratorStreamer)
 
 from engines.adapters import ImageAdapters
 from engines.llava_convert import load_or_convert
-from engines.tiny import write_tiny_llava_original
+from engines.tiny import write_tiny_llava_original, write_tiny_vlm
 
 FORMATS = ("transformers", "llava-original")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,6 +31,7 @@ LEVELS = ("excellent", "good", "fair", "poor", "bad")
 LEVEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 QALIGN_QUESTION = "How would you rate the aesthetics of this image?"
 QALIGN_ANSWER_PREFIX = " The aesthetics of the image is"
+HUB_PREFIX = "hf://"
 
 
 class CriticError(ValueError):
@@ -66,12 +69,13 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class CriticSettings:
-    """Which model, in which format, and its default decoding; "tiny" is the tiny original-format LLaVA."""
+    """Which model, in which format, and its default decoding; "tiny" is the tiny model of that format."""
 
     model: str
     format: str = "transformers"
     vision_tower: str | None = None  # llava-original only: overrides the checkpoint's mm_vision_tower
-    adapters: str | None = None  # ArtGPT-4-style image adapters (safetensors, under the data home) to switch on
+    # ArtGPT-4-style image adapters to switch on: safetensors under the data home, or hf://owner/repo/file
+    adapters: str | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -85,7 +89,12 @@ class CriticSettings:
         if unknown := sorted(set(settings) - known):
             raise CriticError(f"unknown critic settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         raw = dict(settings)
-        raw["generation"] = GenerationSettings(**raw.get("generation", {}))
+        generation = dict(raw.get("generation") or {})
+        known = {f.name for f in fields(GenerationSettings)}
+        if unknown := sorted(set(generation) - known):
+            raise CriticError(f"unknown generation settings: {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        raw["generation"] = GenerationSettings(**generation)
         return cls(**raw)
 
 
@@ -105,6 +114,13 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> bool:
         return self.event.is_set()
+
+
+def _resolve(path: str, home: Path) -> Path:
+    if path.startswith(HUB_PREFIX):  # hf://owner/repo/file, cached by huggingface_hub
+        owner, repo, filename = path.removeprefix(HUB_PREFIX).split("/", 2)
+        return Path(hf_hub_download(f"{owner}/{repo}", filename))
+    return home / Path(path).expanduser()
 
 
 def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
@@ -130,34 +146,52 @@ class Critic:
                 written = write_tiny_llava_original(home / "tiny")
                 source, tower = written / "llava", written / "clip-vision"
             cache = home / "converted" / str(source).strip("/").replace("/", "--")
-            self.model, self.processor, self.image_aspect_ratio = load_or_convert(source, cache, tower)
+            self.model, self.processor, report = load_or_convert(source, cache, tower, DTYPES[dtype])
+            self.image_aspect_ratio = report.image_aspect_ratio
         else:
-            self.model = AutoModelForImageTextToText.from_pretrained(s.model, dtype=DTYPES[dtype])
-            self.processor = AutoProcessor.from_pretrained(s.model)
+            source = write_tiny_vlm(home / "tiny") if s.model == "tiny" else s.model
+            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype])
+            self.processor = AutoProcessor.from_pretrained(source)
+        if getattr(self.processor, "chat_template", None) is None:
+            raise CriticError(f"{s.model} has no chat template in its processor, so its prompts cannot be built")
         self.model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.adapters = None
         if s.adapters:
-            self.adapters = ImageAdapters.for_model(self.model).load(home / s.adapters).attach(self.model)
+            path = _resolve(s.adapters, home)
+            self.adapters = ImageAdapters.for_model(self.model).load(path).attach(self.model)
         self.tokenizer = self.processor.tokenizer
+        self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                             else self.tokenizer.eos_token_id)
         self.context = self.model.config.get_text_config().max_position_embeddings
+        self._level_ids: list[int] | None = None
 
     def _image(self, image: Image.Image) -> Image.Image:
         if self.image_aspect_ratio == "pad":
             return pad_to_square(image, self.processor.image_processor.image_mean)
         return image
 
-    def _inputs(self, image: Image.Image, history: Sequence[Turn], question: str, answer_prefix: str = "",
-                reserve: int = 0) -> dict[str, torch.Tensor]:
-        """Processor inputs for the conversation so far plus the new question; the image opens the first turn."""
+    def prompt(self, history: Sequence[Turn], question: str, answer_prefix: str = "") -> str:
+        """The chat-templated text of the conversation so far plus the new question; the image opens turn one."""
         if not isinstance(question, str) or not question.strip():
             raise CriticError("the question is empty; please ask something about the image")
+        # Checked before tokenizing, so that a huge paste costs nothing; no tokenizer packs 16 characters a token.
+        if len(question) > 16 * self.context:
+            raise CriticError(f"the question is {len(question)} characters long; this critic reads at most "
+                              f"{self.context} tokens, so please ask a shorter question")
         messages: list[dict[str, Any]] = []
         for i, turn in enumerate([*history, Turn(question.strip(), "")]):
             content = [{"type": "text", "text": turn.question}]
             messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + content})
             if turn.answer:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.answer}]})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True) + answer_prefix
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        # A template whose generation prompt ends in a space or newline already separates the prefix.
+        return text + (answer_prefix.lstrip() if text[-1:].isspace() else answer_prefix)
+
+    def inputs(self, image: Image.Image, question: str, history: Sequence[Turn] = (), answer_prefix: str = "",
+               reserve: int = 0) -> dict[str, torch.Tensor]:
+        """Model inputs for the conversation plus the question, refused if they and `reserve` more overflow."""
+        text = self.prompt(history, question, answer_prefix)
         inputs = self.processor(images=self._image(image), text=text, return_tensors="pt").to(self.model.device)
         length = inputs["input_ids"].shape[1]
         if length + reserve > self.context:
@@ -171,19 +205,35 @@ class Critic:
                generation: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
         """The answer as it grows; setting `cancel`, or closing the iterator, stops the model at the next token."""
         generation = generation or self.settings.generation
-        inputs = self._inputs(image, history, question, reserve=generation.max_new_tokens)
+        inputs = self.inputs(image, question, history, reserve=generation.max_new_tokens)
         cancel = cancel or threading.Event()
+        kwargs = {**inputs, **generation.generate_kwargs(), "pad_token_id": self.pad_token_id,
+                  "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
+        if generation.num_beams > 1:
+            # transformers cannot stream beam search (the best beam is known only at the end): one piece.
+            with torch.inference_mode():
+                out = self.model.generate(**kwargs)
+            yield self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            return
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        worker = threading.Thread(target=self.model.generate, kwargs={
-            **inputs, **generation.generate_kwargs(), "streamer": streamer,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
-            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}, daemon=True)
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as error:  # handed to the reader, who would otherwise wait forever
+                failures.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
         worker.start()
         answer = ""
         try:
             for piece in streamer:
                 answer += piece
                 yield answer.strip()
+            if failures:
+                raise failures[0]
         finally:
             cancel.set()
             worker.join()
@@ -196,14 +246,31 @@ class Critic:
             pass
         return answer
 
+    def level_token_ids(self) -> list[int]:
+        """Each Q-Align level word's first token where it follows the answer prefix in the prompt."""
+        if self._level_ids is None:
+            base = self.tokenizer(QALIGN_ANSWER_PREFIX, add_special_tokens=False).input_ids
+            ids = []
+            for word in LEVELS:
+                # Tokenized in context: "is good" may not contain the tokens of "good" alone (leading spaces).
+                full = self.tokenizer(f"{QALIGN_ANSWER_PREFIX} {word}", add_special_tokens=False).input_ids
+                if full[:len(base)] != base or len(full) == len(base):
+                    raise CriticError(f"this critic's tokenizer does not continue the Q-Align prompt with {word!r}")
+                ids.append(full[len(base)])
+            if len(set(ids)) < len(ids) or self.tokenizer.unk_token_id in ids:
+                raise CriticError("this critic's tokenizer cannot tell the Q-Align level words apart by their "
+                                  f"first tokens: {dict(zip(LEVELS, ids))}")
+            self._level_ids = ids
+        return self._level_ids
+
     def aesthetic_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Q-Align: softmax over the level words' next-token logits, weighted 1…0, mapped to 1–5."""
-        ids = [self.tokenizer(word, add_special_tokens=False).input_ids[0] for word in LEVELS]
+        ids = self.level_token_ids()
         weights = torch.tensor(LEVEL_WEIGHTS)
         scores = []
         with torch.inference_mode():
             for image in images:
-                inputs = self._inputs(image, (), QALIGN_QUESTION, QALIGN_ANSWER_PREFIX)
+                inputs = self.inputs(image, QALIGN_QUESTION, answer_prefix=QALIGN_ANSWER_PREFIX)
                 logits = self.model(**inputs).logits[0, -1, ids].float().cpu()
                 scores.append(float(torch.softmax(logits, dim=0) @ weights) * 4 + 1)
         return np.asarray(scores, dtype=np.float32)

@@ -262,12 +262,14 @@ _TINY_WORDS = ("the a an of and is to in image this how would you rate aesthetic
 
 def write_tiny_llama_tokenizer(folder: Path) -> Any:
     """A word-level fast tokenizer with Llama's special tokens (<unk>, <s>, </s>), saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(("<unk>", "<s>", "</s>", *_TINY_WORDS, *".,:?!\n"))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    # Llama's tokenizer starts every text with <s>, and LLaVA's prompts rely on it.
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -305,3 +307,42 @@ def write_tiny_llava_original(root: Path, *, seed: int = 0) -> Path:
         (staging / "llava" / "config.json").write_text(json.dumps(config, indent=2))
 
     return _write_once(Path(root) / "llava-original", write)
+
+
+# A plain "ROLE: text" chat template of the kind transformers-format VLMs ship with their processor.
+_TINY_VLM_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def write_tiny_vlm(root: Path, *, seed: int = 0) -> Path:
+    """A tiny transformers-format image-text-to-text model (Llava) with its processor and chat template."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    def write(staging: Path) -> None:
+        tokenizer = write_tiny_llama_tokenizer(staging)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+        text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        # Unlike the LLaVA-1.5 conversion: the last layer's features with CLS, so both select paths get exercised.
+        config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                             vision_feature_select_strategy="full", image_seq_length=5,  # 4 patches + CLS
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlavaForConditionalGeneration(config)
+        model.save_pretrained(staging)
+        LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                       vision_feature_select_strategy="full", num_additional_image_tokens=1,
+                       chat_template=_TINY_VLM_CHAT_TEMPLATE).save_pretrained(staging)
+
+    return _write_once(Path(root) / "vlm", write)

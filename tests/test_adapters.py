@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.adapters import AdapterError, ImageAdapters, decoder_layers
-from engines.llava_convert import convert_original_llava
+from engines.adapters import AdapterError, ImageAdapters, artgpt4_trainable, decoder_layers
+from engines.llava_convert import load_or_convert
 from engines.tiny import write_tiny_llava_original
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     root = write_tiny_llava_original(tmp_path_factory.mktemp("tiny"))
-    model, _, _ = convert_original_llava(root / "llava", root / "clip-vision")
+    model, _, _ = load_or_convert(root / "llava", root / "converted", root / "clip-vision")
     return model
 
 
@@ -40,6 +40,9 @@ def test_zero_initialized_adapters_change_nothing(model) -> None:
         _randomize(adapters)
         changed = _logits(model)
         assert not torch.allclose(changed, before)
+        with adapters.disabled():
+            torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+        torch.testing.assert_close(_logits(model), changed)
         adapters.enabled = False
         torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
     finally:
@@ -88,3 +91,17 @@ def test_save_and_load_round_trip(model, tmp_path: Path) -> None:
         ImageAdapters(64, 2).load(path)
     with pytest.raises(AdapterError, match="decoder layers"):
         ImageAdapters(32, 5).attach(model)
+
+
+def test_artgpt4_trains_adapters_norms_and_projector_only(model) -> None:
+    adapters = ImageAdapters.for_model(model)
+    try:
+        names = artgpt4_trainable(model, adapters)
+        layers = len(decoder_layers(model))
+        assert sorted(names) == sorted(
+            [f"model.language_model.layers.{i}.post_attention_layernorm.weight" for i in range(layers)]
+            + [f"model.language_model.layers.{i}.input_layernorm.weight" for i in range(0, layers, 2)]
+            + [f"model.multi_modal_projector.linear_{j}.{p}" for j in (1, 2) for p in ("weight", "bias")])
+        assert all(p.requires_grad for p in adapters.parameters())
+    finally:
+        model.requires_grad_(True)

@@ -1,4 +1,5 @@
-"""Critics on the tiny original-format LLaVA: streaming, cancel, history, limits and the Q-Align score."""
+"""Critics on the tiny original-format LLaVA and a tiny transformers VLM: streaming, cancel, errors, history,
+limits, adapters and the Q-Align score."""
 from __future__ import annotations
 
 import threading
@@ -9,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.critic import (LEVEL_WEIGHTS, LEVELS, Critic, CriticError, GenerationSettings, QAlignScore, Turn,
-                            pad_to_square)
+from engines.critic import (LEVEL_WEIGHTS, LEVELS, Critic, CriticError, CriticSettings, GenerationSettings,
+                            QAlignScore, Turn, pad_to_square)
+from engines.llava_convert import LLAVA_V1_SYSTEM
 
 TINY = {"model": "tiny", "format": "llava-original", "generation": {"max_new_tokens": 12}}
+TINY_VLM = {"model": "tiny", "format": "transformers", "generation": {"max_new_tokens": 12}}
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +29,34 @@ def critic(home: Path) -> Critic:
 
 
 @pytest.fixture(scope="module")
+def vlm(home: Path) -> Critic:
+    return Critic(TINY_VLM, device="cpu", dtype="float32", home=home)
+
+
+@pytest.fixture(scope="module")
 def image() -> Image.Image:
     return Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8))
 
 
-def test_streaming_grows_to_the_greedy_answer(critic: Critic, image: Image.Image) -> None:
-    parts = list(critic.stream(image, "how would you rate this image ?"))
-    assert parts and all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
-    inputs = critic._inputs(image, (), "how would you rate this image ?")
+def _bare_greedy(critic: Critic, image: Image.Image, question: str, **kwargs) -> str:
+    inputs = critic.inputs(image, question)
     with torch.no_grad():
-        out = critic.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    bare = critic.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    assert parts[-1] == bare
+        out = critic.model.generate(**inputs, max_new_tokens=12, do_sample=False, **kwargs)
+    return critic.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name", ["critic", "vlm"])
+def test_streaming_grows_to_the_greedy_answer(name: str, image: Image.Image, request: pytest.FixtureRequest) -> None:
+    critic = request.getfixturevalue(name)
+    parts = list(critic.stream(image, "how would you rate this image ?"))
+    assert len(parts) > 1 and all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
+    assert parts[-1] == _bare_greedy(critic, image, "how would you rate this image ?")
+
+
+def test_beam_search_answers_in_one_piece(critic: Critic, image: Image.Image) -> None:
+    beams = GenerationSettings(max_new_tokens=12, num_beams=3)
+    parts = list(critic.stream(image, "describe the image", generation=beams))
+    assert parts == [_bare_greedy(critic, image, "describe the image", num_beams=3)]
 
 
 def test_cancel_stops_generation(critic: Critic, image: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,37 +72,104 @@ def test_cancel_stops_generation(critic: Critic, image: Image.Image, monkeypatch
     assert len(full.split()) > 100 and len(last.split()) < 20
 
 
+def test_an_error_while_generating_reaches_the_reader(critic: Critic, image: Image.Image,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(**kwargs) -> None:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(critic.model, "generate", broken)
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(critic.stream(image, "describe the image"))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # before the fix the reader waited on the streamer forever
+    assert not reader.is_alive() and str(outcome[0]) == "device lost"
+
+
 def test_history_is_part_of_the_prompt(critic: Critic, image: Image.Image) -> None:
-    inputs = critic._inputs(image, [Turn("rate the image", "good .")], "why ?")
-    text = critic.tokenizer.decode(inputs["input_ids"][0])
+    history = [Turn("rate the image", "good .")]
+    assert critic.prompt(history, "why ?") == (
+        f"{LLAVA_V1_SYSTEM} USER: <image>\nrate the image ASSISTANT: good .</s>USER: why ? ASSISTANT:")
+    text = critic.tokenizer.decode(critic.inputs(image, "why ?", history)["input_ids"][0])
     # The tiny word-level vocabulary decodes with spaces around punctuation.
     assert text.count("USER :") == 2 and "good . </s>" in text and text.rstrip().endswith("ASSISTANT :")
-    assert critic.answer(image, "why ?", [Turn("rate the image", "good .")]) is not None
+    with torch.no_grad():
+        later = critic.model(**critic.inputs(image, "why ?", history)).logits[0, -1]
+        alone = critic.model(**critic.inputs(image, "why ?")).logits[0, -1]
+    assert not torch.allclose(later, alone)  # the model reads the earlier turn
+    assert critic.answer(image, "why ?", history)
 
 
-@pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("the " * 300, "reads at most")])
+@pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("the " * 300, "reads at most 256"),
+                                               ("x" * 10_000, "10000 characters long")])
 def test_bad_questions_are_refused(critic: Critic, image: Image.Image, question: str, message: str) -> None:
     with pytest.raises(CriticError, match=message):
         critic.answer(image, question)
 
 
-@pytest.mark.parametrize("changes", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"num_beams": 9}])
+@pytest.mark.parametrize("changes", [{"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"num_beams": 9},
+                                     {"max_new_tokens": 2.5}, {"temperature": float("nan")}])
 def test_generation_settings_are_validated(changes: dict) -> None:
     with pytest.raises(CriticError):
         GenerationSettings(**changes)
 
 
+@pytest.mark.parametrize("settings, message", [({**TINY, "colour": 1}, "unknown critic settings: colour"),
+                                               ({**TINY, "generation": {"beams": 2}}, "unknown generation settings"),
+                                               ({**TINY, "format": "gguf"}, "format must be one of")])
+def test_critic_settings_are_validated(settings: dict, message: str) -> None:
+    with pytest.raises(CriticError, match=message):
+        CriticSettings.from_settings(settings)
+
+
 def test_qalign_score_follows_the_level_logits(home: Path, critic: Critic, image: Image.Image) -> None:
     scorer = QAlignScore({**TINY, "name": "AesExpert (Q-Align)"}, device="cpu", dtype="float32", home=home)
     [score] = scorer.score(["ignored"], [image])["aesthetic"]
-    inputs = critic._inputs(image, (), "How would you rate the aesthetics of this image?",
-                            " The aesthetics of the image is")
-    ids = [critic.tokenizer(w, add_special_tokens=False).input_ids[0] for w in LEVELS]
+    # By hand: the llava_v1 prompt with Q-Align's question and answer prefix, the image padded to a square.
+    text = (f"{LLAVA_V1_SYSTEM} USER: <image>\nHow would you rate the aesthetics of this image? "
+            "ASSISTANT: The aesthetics of the image is")
+    processor = critic.processor
+    inputs = processor(images=pad_to_square(image, processor.image_processor.image_mean), text=text,
+                       return_tensors="pt")
+    ids = processor.tokenizer.convert_tokens_to_ids(list(LEVELS))  # whole words in the tiny vocabulary
     with torch.no_grad():
         logits = critic.model(**inputs).logits[0, -1, ids]
     expected = float((torch.softmax(logits, 0) * torch.tensor(LEVEL_WEIGHTS)).sum()) * 4 + 1
     assert 1.0 <= score <= 5.0 and score == pytest.approx(expected, abs=1e-5)
-    assert (scorer.name, scorer.aspects) == ("AesExpert (Q-Align)", ("aesthetic",))
+    assert (scorer.name, scorer.aspects, scorer.untrained_aspects) == ("AesExpert (Q-Align)", ("aesthetic",), ())
+
+
+@pytest.mark.parametrize("level, low, high", [("excellent", 4.9, 5.0), ("bad", 1.0, 1.1)])
+def test_qalign_moves_with_the_level_logits(vlm: Critic, image: Image.Image, level: str, low: float,
+                                            high: float) -> None:
+    """On the transformers-format VLM: a level word's logit pushed far up drags the score to its end."""
+    inputs = vlm.inputs(image, "How would you rate the aesthetics of this image?",
+                        answer_prefix=" The aesthetics of the image is")
+    with torch.no_grad():
+        last = vlm.model(**inputs, output_hidden_states=True).hidden_states[-1][0, -1]
+    row = vlm.level_token_ids()[LEVELS.index(level)]
+    head = vlm.model.lm_head.weight
+    saved = head[row].detach().clone()
+    try:
+        with torch.no_grad():
+            head[row] = 100 * last / last.norm() ** 2  # the level's logit becomes about 100
+            [score] = vlm.aesthetic_scores([image])
+    finally:
+        with torch.no_grad():
+            head[row] = saved
+    assert low <= score <= high
+
+
+def test_qalign_refuses_a_list_mismatch(home: Path) -> None:
+    scorer = QAlignScore(TINY, device="cpu", dtype="float32", home=home)
+    with pytest.raises(CriticError, match="one prompt per image"):
+        scorer.score("a prompt", [Image.new("RGB", (8, 8))])
 
 
 def test_llava_pads_to_square_with_the_mean_colour() -> None:
@@ -101,6 +187,10 @@ def test_adapters_switch_on_per_system(home: Path, critic: Critic, image: Image.
         torch.nn.init.normal_(adapter.up.weight, std=2.0)
     adapters.save(home / "adapters" / "art.safetensors")
     adapted = Critic({**TINY, "adapters": "adapters/art.safetensors"}, device="cpu", dtype="float32", home=home)
-    inputs = critic._inputs(image, (), "rate the image")
+    inputs = critic.inputs(image, "rate the image")
     with torch.no_grad():
         assert not torch.allclose(adapted.model(**inputs).logits, critic.model(**inputs).logits)
+        with adapted.adapters.disabled():
+            torch.testing.assert_close(adapted.model(**inputs).logits, critic.model(**inputs).logits)
+    # Streaming generates in a worker thread; the adapters act there too.
+    assert list(adapted.stream(image, "rate the image"))[-1] == _bare_greedy(adapted, image, "rate the image")

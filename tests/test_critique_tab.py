@@ -21,10 +21,13 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_chat_streams_and_keeps_history(served_app: tuple[str, Path], picture: str) -> None:
     client = Client(served_app[0], verbose=False)
-    history = client.predict(handle_file(picture), "how would you rate this image ?", "tiny-llava", api_name="/chat")
-    assert [m["role"] for m in history] == ["user", "assistant"]
-    history = client.predict(handle_file(picture), "why ?", "tiny-llava", api_name="/chat")
+    history, score = client.predict(handle_file(picture), "how would you rate this image ?", "tiny-llava",
+                                    api_name="/chat")
+    assert [m["role"] for m in history] == ["user", "assistant"] and 1.0 <= score <= 5.0
+    history, _ = client.predict(handle_file(picture), "why ?", "tiny-llava", api_name="/chat")
     assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    again, _ = client.predict(handle_file(picture), "tiny-llava", api_name="/regenerate")
+    assert [m["content"] for m in again][:3] == [m["content"] for m in history][:3] and len(again) == 4
 
 
 @pytest.mark.parametrize("question, message", [("   ", "question is empty"), ("the " * 400, "reads at most")])
