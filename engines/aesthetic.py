@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from engines.embedder import Embedder
+from engines.settings import refuse_unknown
 from engines.tiny import write_tiny_laion_head
 
 HUB_PREFIX = "hf://"
@@ -71,9 +72,9 @@ class LaionAesthetic:
     untrained_aspects: tuple[str, ...] = ()
 
     def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
-        unknown = sorted(set(settings) - {"embedder", "head"})
-        if unknown or "head" not in settings:
-            raise AestheticError(f"LAION aesthetic settings are `embedder` and `head`; got {sorted(settings)}")
+        refuse_unknown(settings, {"embedder", "head"}, "LAION aesthetic", AestheticError)
+        if "head" not in settings:
+            raise AestheticError("LAION aesthetic settings need a `head`: tiny, a path or hf://owner/repo/file")
         self.embedder = Embedder(settings.get("embedder", {}), device=device, dtype=dtype, home=home)
         head = settings["head"]
         path = write_tiny_laion_head(Path(home) / "tiny", self.embedder.dim) if head == "tiny" else _resolve(head, home)
@@ -95,9 +96,7 @@ class ClipScore:
     untrained_aspects: tuple[str, ...] = ()
 
     def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
-        unknown = sorted(set(settings) - {"embedder"})
-        if unknown:
-            raise AestheticError(f"CLIP score settings are `embedder` only; got {sorted(settings)}")
+        refuse_unknown(settings, {"embedder"}, "CLIP score", AestheticError)
         self.embedder = Embedder(settings.get("embedder", {}), device=device, dtype=dtype, home=home)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:

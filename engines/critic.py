@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCr
 
 from engines.adapters import ImageAdapters
 from engines.llava_convert import load_or_convert
+from engines.settings import refuse_unknown
 from engines.tiny import write_tiny_llava_original, write_tiny_vlm
 
 FORMATS = ("transformers", "llava-original")
@@ -85,15 +86,10 @@ class CriticSettings:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> CriticSettings:
         """Validated settings; unknown keys are refused by name."""
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(settings) - known):
-            raise CriticError(f"unknown critic settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown(settings, cls, "critic", CriticError)
         raw = dict(settings)
         generation = dict(raw.get("generation") or {})
-        known = {f.name for f in fields(GenerationSettings)}
-        if unknown := sorted(set(generation) - known):
-            raise CriticError(f"unknown generation settings: {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(known))}")
+        refuse_unknown(generation, GenerationSettings, "generation", CriticError)
         raw["generation"] = GenerationSettings(**generation)
         return cls(**raw)
 

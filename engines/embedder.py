@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import open_clip
 import torch
 from PIL import Image
 
+from engines.settings import refuse_unknown
 from engines.tiny import TINY_OPEN_CLIP, write_tiny_open_clip
 
 
@@ -33,9 +34,7 @@ class EmbedderSettings:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> EmbedderSettings:
         """Validated settings; unknown keys are refused by name."""
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(settings) - known):
-            raise EmbedderError(f"unknown embedder settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown(settings, cls, "embedder", EmbedderError)
         return cls(**settings)
 
 

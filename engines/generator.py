@@ -13,7 +13,7 @@ import math
 import re
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from engines.settings import refuse_unknown
 from engines.tiny import write_tiny_lora, write_tiny_pipeline
 
 STEPS_RANGE = (1, 150)
@@ -113,10 +114,7 @@ class GeneratorConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> GeneratorConfig:
         """Build from a profile's settings mapping; unknown keys are errors, LoRAs default to names lora0, lora1…"""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise InvalidSettings(f"unknown generator settings {unknown}; known: {sorted(known)}")
+        refuse_unknown(settings, cls, "generator", InvalidSettings)
         if "model" not in settings:
             raise InvalidSettings("generator settings need a model: a Hub id, a local folder or 'tiny'")
         raw = dict(settings)

@@ -32,6 +32,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVi
 from transformers.initialization import no_init_weights
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from engines.settings import refuse_unknown
 from engines.tiny import write_tiny_imagereward
 
 # The overall judgement plus VisionPrefer's four aspects (study.tasks lists the same four for generation votes).
@@ -573,9 +574,7 @@ class VPScoreSettings:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> VPScoreSettings:
         """Validated settings; unknown keys are refused by name."""
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(settings) - known):
-            raise InvalidSettings(f"unknown VP-Score settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown(settings, cls, "VP-Score", InvalidSettings)
         try:
             return cls(**settings)
         except TypeError as error:  # a required key is absent
