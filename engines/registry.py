@@ -1,8 +1,10 @@
 """Profiles name each task's systems; the registry builds their engines lazily, one lock per engine."""
 from __future__ import annotations
 
+import gc
 import importlib
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +132,14 @@ class Registry:
                 self._engines[key] = factory(spec.settings, device=self.profile.device, dtype=self.profile.dtype,
                                              home=self.home)
             return self._engines[key]
+
+    def unload(self, task: str, name: str) -> None:
+        """Drop a built engine (switching critics); its memory goes back once nothing else holds it."""
+        with self.lock(task, name):
+            self._engines.pop((task, name), None)
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
 
     def load_eager(self) -> None:
         """Build every engine now (ZeroGPU wants models on the device at import time)."""
