@@ -1,106 +1,179 @@
-"""Aesthetic scorers on CLIP embeddings: the LAION aesthetic head, and CLIP score for prompt following."""
+"""Scorers on CLIP embeddings: the LAION aesthetic predictor (v2) and CLIPScore for prompt following.
+
+Both read one open_clip embedder through `shared_embedder`, so a profile that names the same embedder settings for
+both loads that CLIP once (ViT-L/14 is about 1.7 GB in float32), although the registry builds each scorer apart.
+The released LAION head, `sac+logos+ava1-l14-linearMSE.pth` from christophschuhmann/improved-aesthetic-predictor,
+is mirrored on the Hub at `camenduru/improved-aesthetic-predictor` (the real profiles fetch it from there).
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
 
-from engines.embedder import Embedder
+from engines.embedder import EmbedderSettings, resolve_file, shared_embedder
 from engines.settings import refuse_unknown
 from engines.tiny import write_tiny_laion_head
 
-HUB_PREFIX = "hf://"
-# Hessel et al.'s CLIPScore rescales the clipped cosine by 2.5 so that scores spread over ~0–1 in practice.
+# The predictor's hidden widths after the embedding: 768 -> 1024 -> 128 -> 64 -> 16 -> 1 for CLIP ViT-L/14.
+LAION_HEAD_WIDTHS = (1024, 128, 64, 16)
+# Hessel et al. (2021), CLIPScore: w * max(cos, 0) with w = 2.5, which stretches the cosines CLIP gives to
+# matching captions (rarely above 0.4) over roughly 0 to 1.
 CLIP_SCORE_WEIGHT = 2.5
+# Their reference code prepends this to every caption before encoding it.
+CLIP_SCORE_PREFIX = "A photo depicts "
 
 
 class AestheticError(ValueError):
-    """A head or setting that cannot be used; the message names what is wrong."""
+    """A head, setting or input that cannot be used; the message names what is wrong."""
 
 
 class LaionAestheticHead(nn.Module):
-    """The improved-aesthetic-predictor MLP (`layers.{0,2,4,6,7}`): Linear/Dropout stacks with no activations."""
+    """The improved-aesthetic-predictor MLP as released: Linear layers, dropout after the first three, and no
+    activations, so in eval mode it is one affine map of the embedding."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        w1, w2, w3, w4 = LAION_HEAD_WIDTHS
+        # Indices 0, 2, 4, 6 and 7 hold the Linear layers: the checkpoint's keys are `layers.{0,2,4,6,7}.*`.
+        self.layers = nn.Sequential(nn.Linear(dim, w1), nn.Dropout(0.2), nn.Linear(w1, w2), nn.Dropout(0.2),
+                                    nn.Linear(w2, w3), nn.Dropout(0.1), nn.Linear(w3, w4), nn.Linear(w4, 1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Scores (about 1–10 for the released head) of L2-normalized image embeddings."""
+        """One score per L2-normalized image embedding (about 1–10 for the released head)."""
         return self.layers(embeddings).squeeze(-1)
 
 
 def load_laion_head(path: Path, dim: int) -> LaionAestheticHead:
-    """Load a `sac+logos+ava1-l14-linearMSE.pth`-layout state dict strictly: stray or missing keys are errors."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A `sac+logos+ava1-l14-linearMSE.pth`-layout state dict as a head for `dim`-wide embeddings; every stray,
+    missing or misshapen key is an AestheticError that names it, all of them at once."""
+    try:
+        # weights_only: a plain state dict needs no pickled code, and a hostile file cannot run any.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for files that are not tensor pickles
+        raise AestheticError(f"{path} is not a readable PyTorch state dict: {error}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise AestheticError(f"{path} is not a plain state dict of tensors, as sac+logos+ava1-l14-linearMSE.pth is")
     head = LaionAestheticHead(dim)
     expected = head.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if unexpected or missing or wrong:
-        raise AestheticError(f"{path} is not a LAION aesthetic head for {dim}-wide embeddings: unexpected "
-                             f"{unexpected}, missing {missing}, wrong shapes {wrong}")
+        problems = [f"{title}: {', '.join(names)}" for title, names in
+                    (("unexpected keys", unexpected), ("missing keys", missing), ("wrong shapes", wrong)) if names]
+        raise AestheticError(f"{path} is not a LAION aesthetic head for {dim}-wide embeddings; "
+                             + "; ".join(problems))
     head.load_state_dict(state)
     return head.eval()
 
 
-def _resolve(path: str, home: Path) -> Path:
-    if path.startswith(HUB_PREFIX):  # hf://owner/repo/file, cached by huggingface_hub
-        owner, repo, filename = path.removeprefix(HUB_PREFIX).split("/", 2)
-        return Path(hf_hub_download(f"{owner}/{repo}", filename))
-    return home / Path(path).expanduser()
+def _check_pairs(prompts: Sequence[str], images: Sequence[Image.Image]) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise AestheticError("prompts must be a list of strings, one per image")
+    if len(prompts) != len(images):
+        raise AestheticError(f"{len(prompts)} prompts for {len(images)} images; give one prompt per image")
+    if bad := [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str)]:
+        raise AestheticError(f"prompts at positions {bad} are not strings")
 
 
-def _check(prompts: Sequence[str], images: Sequence[Image.Image]) -> None:
-    if isinstance(prompts, str) or len(prompts) != len(images):
-        raise AestheticError("give one prompt per image, as a list")
+def _embedder_settings(settings: Mapping[str, Any], what: str) -> EmbedderSettings:
+    if "embedder" not in settings:
+        raise AestheticError(f"{what} settings need an `embedder` (model and pretrained)")
+    return EmbedderSettings.from_settings(settings["embedder"])
+
+
+@dataclass(frozen=True)
+class LaionAestheticSettings:
+    """The CLIP that embeds images and the head that scores the embeddings."""
+
+    embedder: EmbedderSettings
+    head: str  # "tiny", a .pth state dict (relative paths are under the data home) or hf://owner/repo/file
+    name: str = "LAION aesthetic"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> LaionAestheticSettings:
+        """Validated settings; unknown keys are refused by name."""
+        refuse_unknown(settings, cls, "LAION aesthetic", AestheticError)
+        head, name = settings.get("head"), settings.get("name", cls.name)
+        if not isinstance(head, str) or not head.strip():
+            raise AestheticError(f"LAION aesthetic settings need a `head`: tiny, a path or hf://owner/repo/file; "
+                                 f"got {head!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise AestheticError(f"name must be a non-empty string, got {name!r}")
+        return cls(_embedder_settings(settings, "LAION aesthetic"), head, name)
+
+
+@dataclass(frozen=True)
+class ClipScoreSettings:
+    """The CLIP that embeds prompts and images, and the text put before each prompt."""
+
+    embedder: EmbedderSettings
+    prefix: str = CLIP_SCORE_PREFIX  # prepended verbatim; "" scores the bare prompt
+    name: str = "CLIP score"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ClipScoreSettings:
+        """Validated settings; unknown keys are refused by name."""
+        refuse_unknown(settings, cls, "CLIP score", AestheticError)
+        prefix, name = settings.get("prefix", cls.prefix), settings.get("name", cls.name)
+        if not isinstance(prefix, str):
+            raise AestheticError(f"prefix must be a string, got {prefix!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise AestheticError(f"name must be a non-empty string, got {name!r}")
+        return cls(_embedder_settings(settings, "CLIP score"), prefix, name)
 
 
 class LaionAesthetic:
-    """The LAION aesthetic predictor as a scorer: the head on the normalized CLIP image embedding."""
+    """LAION aesthetic v2 as a scorer: the head on the L2-normalized CLIP image embedding, on its own ~1–10 scale."""
 
-    name = "LAION aesthetic"
     aspects = ("aesthetic",)
     untrained_aspects: tuple[str, ...] = ()
 
     def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
-        refuse_unknown(settings, {"embedder", "head"}, "LAION aesthetic", AestheticError)
-        if "head" not in settings:
-            raise AestheticError("LAION aesthetic settings need a `head`: tiny, a path or hf://owner/repo/file")
-        self.embedder = Embedder(settings.get("embedder", {}), device=device, dtype=dtype, home=home)
-        head = settings["head"]
-        path = write_tiny_laion_head(Path(home) / "tiny", self.embedder.dim) if head == "tiny" else _resolve(head, home)
+        self.settings = s = LaionAestheticSettings.from_settings(settings)
+        self.name = s.name
+        self.embedder = shared_embedder(asdict(s.embedder), device=device, dtype=dtype, home=home)
+        path = (write_tiny_laion_head(Path(home) / "tiny", self.embedder.dim) if s.head == "tiny"
+                else resolve_file(s.head, Path(home)))
+        if not path.is_file():
+            raise AestheticError(f"no LAION aesthetic head at {path}")
+        # The head stays on the CPU in float32: a 1M-parameter MLP on a few rows costs microseconds there, and the
+        # embeddings arrive on the CPU anyway.
         self.head = load_laion_head(path, self.embedder.dim)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        """Aesthetic score per image; the prompt plays no part (the head sees only the image)."""
-        _check(prompts, images)
+        """One aesthetic score per image."""
+        _check_pairs(prompts, images)
+        # The predictor reads the image alone: prompts are taken only so that every scorer has the same call.
         embeddings = torch.from_numpy(self.embedder.embed_images(images))
         with torch.inference_mode():
             return {"aesthetic": self.head(embeddings).numpy().astype(np.float32)}
 
 
 class ClipScore:
-    """CLIPScore (Hessel et al. 2021): 2.5 · max(cos(text, image), 0), a prompt-following score."""
+    """CLIPScore (Hessel et al. 2021) as a prompt-following scorer: 2.5 · max(cos(prefix + prompt, image), 0).
 
-    name = "CLIP score"
+    The paper used CLIP ViT-B/32; the profiles share ViT-L/14 with the LAION head, so values are not the paper's."""
+
     aspects = ("prompt_following",)
     untrained_aspects: tuple[str, ...] = ()
 
     def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
-        refuse_unknown(settings, {"embedder"}, "CLIP score", AestheticError)
-        self.embedder = Embedder(settings.get("embedder", {}), device=device, dtype=dtype, home=home)
+        self.settings = s = ClipScoreSettings.from_settings(settings)
+        self.name = s.name
+        self.embedder = shared_embedder(asdict(s.embedder), device=device, dtype=dtype, home=home)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        """One score per (prompt, image) pair."""
-        _check(prompts, images)
-        cosine = np.sum(self.embedder.embed_texts(prompts) * self.embedder.embed_images(images), axis=1)
+        """One score in [0, 2.5] per (prompt, image) pair."""
+        _check_pairs(prompts, images)
+        texts = self.embedder.embed_texts([self.settings.prefix + prompt for prompt in prompts])
+        cosine = np.sum(texts * self.embedder.embed_images(images), axis=1)
         return {"prompt_following": (CLIP_SCORE_WEIGHT * np.maximum(cosine, 0.0)).astype(np.float32)}

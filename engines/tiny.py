@@ -211,36 +211,45 @@ def write_tiny_imagereward(root: Path, *, seed: int = 0) -> Path:
     return _write_once(Path(root) / "imagereward", write)
 
 
-# A tiny CLIP in open_clip's own JSON config format; it keeps open_clip's vocabulary (49408) so the
-# bundled BPE tokenizer works unchanged.
+# A tiny CLIP in open_clip's own JSON config format; it keeps open_clip's vocabulary (49408) and context (77) so
+# that the bundled BPE tokenizer works unchanged.
 TINY_OPEN_CLIP = "aesarena-tiny-clip"
 TINY_OPEN_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+# The name open_clip gives safetensors weights when it saves a model for the Hub (`HF_SAFE_WEIGHTS_NAME`).
+TINY_OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
 def write_tiny_open_clip(root: Path, *, seed: int = 0) -> Path:
-    """A folder with the tiny architecture's open_clip JSON config and a random `open_clip_model.safetensors`."""
+    """Write (once) the tiny architecture's JSON config and random weights, register the config with open_clip,
+    and return the checkpoint: `create_model_and_transforms(TINY_OPEN_CLIP, pretrained=<it>)` loads it."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
     def write(staging: Path) -> None:
-        (staging / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2))
-        open_clip.add_model_config(staging)
-        torch.manual_seed(seed)
-        model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "open_clip_model.safetensors")
+        (staging / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2) + "\n")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # The class create_model builds for this config, so the saved keys are exactly the ones it loads.
+            model = open_clip.CLIP(**TINY_OPEN_CLIP_CONFIG)
+        # As open_clip saves for the Hub: the model's state_dict, as is, in safetensors.
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / TINY_OPEN_CLIP_WEIGHTS)
 
     out = _write_once(Path(root) / "open_clip", write)
-    open_clip.add_model_config(out)  # registers the config where it now lives (the staging copy is gone)
-    return out
+    config = out / f"{TINY_OPEN_CLIP}.json"
+    # add_model_config appends a path that every later call rescans, so register only what open_clip lacks.
+    if open_clip.get_model_config(TINY_OPEN_CLIP) != json.loads(config.read_text()):
+        open_clip.add_model_config(config)
+    return out / TINY_OPEN_CLIP_WEIGHTS
 
 
 def write_tiny_laion_head(root: Path, dim: int, *, seed: int = 0) -> Path:
-    """A random LAION aesthetic head for `dim`-wide embeddings, saved as a plain `.pth` state dict."""
+    """Write (once) a random LAION aesthetic head for `dim`-wide embeddings as a plain `.pth` state dict, in the
+    layout of `sac+logos+ava1-l14-linearMSE.pth` (`layers.{0,2,4,6,7}`); returns the file."""
     import torch
 
     def write(staging: Path) -> None:
@@ -248,6 +257,7 @@ def write_tiny_laion_head(root: Path, dim: int, *, seed: int = 0) -> Path:
         sizes = (dim, 1024, 128, 64, 16, 1)
         state = {}
         for index, n_in, n_out in zip((0, 2, 4, 6, 7), sizes, sizes[1:]):
+            # fan-in scaling keeps every layer's output O(1), so each weight moves the score.
             state[f"layers.{index}.weight"] = torch.randn(n_out, n_in, generator=generator) / n_in**0.5
             state[f"layers.{index}.bias"] = torch.randn(n_out, generator=generator) * 0.1
         torch.save(state, staging / "aesthetic-head.pth")

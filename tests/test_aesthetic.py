@@ -1,4 +1,4 @@
-"""open_clip embeddings, the LAION aesthetic head and CLIP score, on tiny random checkpoints."""
+"""The LAION aesthetic head and CLIP score on the tiny open_clip checkpoint, checked against hand computations."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.aesthetic import CLIP_SCORE_WEIGHT, AestheticError, ClipScore, LaionAesthetic, load_laion_head
-from engines.embedder import Embedder, EmbedderError
-from engines.tiny import TINY_OPEN_CLIP_CONFIG, write_tiny_laion_head
+from engines.aesthetic import (CLIP_SCORE_PREFIX, CLIP_SCORE_WEIGHT, AestheticError, ClipScore, ClipScoreSettings,
+                               LaionAesthetic, LaionAestheticHead, LaionAestheticSettings, load_laion_head)
+from engines.embedder import Embedder
+from engines.registry import SCORERS, Registry, load_profile
+from engines.tiny import TINY_OPEN_CLIP, write_tiny_laion_head
 
-TINY = {"pretrained": "tiny"}
+TINY = {"model": TINY_OPEN_CLIP, "pretrained": "tiny"}
+CPU = {"device": "cpu", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -28,64 +31,119 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def embedder(home: Path) -> Embedder:
-    return Embedder({**TINY, "batch_size": 2}, device="cpu", dtype="float32", home=home)
+    """An embedder of its own (not the shared one), so the hand computations below use an independent model."""
+    return Embedder(TINY, home=home, **CPU)
 
 
-def test_tiny_checkpoint_loads_its_weights(embedder: Embedder, home: Path) -> None:
-    from safetensors.torch import load_file
-
-    saved = load_file(home / "tiny" / "open_clip" / "open_clip_model.safetensors")
-    loaded = embedder.model.state_dict()
-    assert set(saved) == set(loaded) and all(torch.equal(saved[k], loaded[k]) for k in saved)
-    assert embedder.dim == TINY_OPEN_CLIP_CONFIG["embed_dim"]
+@pytest.fixture(scope="module")
+def laion(home: Path) -> LaionAesthetic:
+    return LaionAesthetic({"embedder": TINY, "head": "tiny"}, home=home, **CPU)
 
 
-def test_embeddings_are_unit_length_deterministic_and_batch_free(embedder: Embedder, images) -> None:
-    batched = embedder.embed_images(images)
-    one_by_one = np.concatenate([embedder.embed_images([im]) for im in images])
-    assert batched.shape == (3, embedder.dim)
-    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
-    texts = embedder.embed_texts(["a red fox", "a blue lake", "a red fox"])
-    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(texts[0], texts[2], atol=1e-6)
-    assert not np.allclose(texts[0], texts[1])
+@pytest.fixture(scope="module")
+def clip_score(home: Path) -> ClipScore:
+    return ClipScore({"embedder": TINY}, home=home, **CPU)
 
 
-def test_unknown_embedder_setting_is_refused(home: Path) -> None:
-    with pytest.raises(EmbedderError, match="unknown embedder settings: colour"):
-        Embedder({**TINY, "colour": "red"}, device="cpu", dtype="float32", home=home)
+def test_head_is_the_released_layout() -> None:
+    head = LaionAestheticHead(768)
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert shapes == {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
+                      "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
+                      "layers.4.weight": (64, 128), "layers.4.bias": (64,),
+                      "layers.6.weight": (16, 64), "layers.6.bias": (16,),
+                      "layers.7.weight": (1, 16), "layers.7.bias": (1,)}
+    assert [type(m).__name__ for m in head.layers] == ["Linear", "Dropout"] * 3 + ["Linear", "Linear"]
+    assert [m.p for m in head.layers if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2, 0.1]
 
 
-def test_laion_score_is_the_head_on_the_normalized_embedding(home: Path, embedder: Embedder, images) -> None:
-    scorer = LaionAesthetic({"embedder": TINY, "head": "tiny"}, device="cpu", dtype="float32", home=home)
-    scores = scorer.score(["ignored"] * 3, images)["aesthetic"]
+def test_laion_score_is_the_head_on_the_normalized_embedding(laion: LaionAesthetic, embedder: Embedder,
+                                                             images, home: Path) -> None:
+    scores = laion.score(["a red fox", "a blue lake", "an old map"], images)
+    assert set(scores) == set(laion.aspects) and scores["aesthetic"].dtype == np.float32
+    x = torch.from_numpy(embedder.embed_images(images)).double()
+    np.testing.assert_allclose(np.linalg.norm(x.numpy(), axis=1), 1.0, atol=1e-5)
     state = torch.load(write_tiny_laion_head(home / "tiny", embedder.dim), weights_only=True)
-    x = torch.from_numpy(embedder.embed_images(images))
-    for index in (0, 2, 4, 6, 7):  # no activations between the layers, as in the released predictor
-        x = x @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
-    np.testing.assert_allclose(scores, x.squeeze(-1).numpy(), atol=1e-5)
-    assert (scorer.name, scorer.aspects, scorer.untrained_aspects) == ("LAION aesthetic", ("aesthetic",), ())
+    for index in (0, 2, 4, 6, 7):  # no activations between the layers, and dropout is off at inference
+        x = x @ state[f"layers.{index}.weight"].double().T + state[f"layers.{index}.bias"].double()
+    np.testing.assert_allclose(scores["aesthetic"], x.squeeze(-1).numpy(), rtol=1e-5, atol=1e-5)
+    # The prompt plays no part.
+    np.testing.assert_array_equal(laion.score(["", "x", "y"], images)["aesthetic"], scores["aesthetic"])
 
 
 def test_laion_head_loading_is_strict(tmp_path: Path) -> None:
     path = write_tiny_laion_head(tmp_path, 32)
     state = torch.load(path, weights_only=True)
-    for broken, message in (({**state, "layers.9.weight": torch.zeros(1)}, "unexpected \\['layers.9.weight'\\]"),
-                            ({k: v for k, v in state.items() if k != "layers.7.bias"}, "missing \\['layers.7.bias'\\]")):
-        torch.save(broken, tmp_path / "broken.pth")
+    broken = tmp_path / "broken.pth"
+    for bad, message in (({**state, "layers.9.weight": torch.zeros(1)}, r"unexpected keys: layers\.9\.weight"),
+                         ({k: v for k, v in state.items() if k != "layers.7.bias"}, r"missing keys: layers\.7\.bias"),
+                         ({"state_dict": state}, "not a plain state dict of tensors")):
+        torch.save(bad, broken)
         with pytest.raises(AestheticError, match=message):
-            load_laion_head(tmp_path / "broken.pth", 32)
-    with pytest.raises(AestheticError, match="wrong shapes"):
+            load_laion_head(broken, 32)
+    with pytest.raises(AestheticError, match=r"768-wide embeddings; wrong shapes: layers\.0\.weight \(1024, 32\) "
+                                             r"\(expected \(1024, 768\)\)"):
         load_laion_head(path, 768)
+    broken.write_text("not a checkpoint")
+    with pytest.raises(AestheticError, match="not a readable PyTorch state dict"):
+        load_laion_head(broken, 32)
 
 
-def test_clip_score_formula(home: Path, embedder: Embedder, images) -> None:
-    scorer = ClipScore({"embedder": TINY}, device="cpu", dtype="float32", home=home)
+def test_clip_score_is_hessels_formula(clip_score: ClipScore, embedder: Embedder, images) -> None:
     prompts = ["a red fox", "a blue lake", "an old map"]
-    scores = scorer.score(prompts, images)["prompt_following"]
-    cosine = np.sum(embedder.embed_texts(prompts) * embedder.embed_images(images), axis=1)
+    scores = clip_score.score(prompts, images)["prompt_following"]
+    assert scores.dtype == np.float32 and scores.shape == (3,)
+    texts = embedder.embed_texts([CLIP_SCORE_PREFIX + p for p in prompts])
+    cosine = np.sum(texts * embedder.embed_images(images), axis=1)
     np.testing.assert_allclose(scores, CLIP_SCORE_WEIGHT * np.maximum(cosine, 0), atol=1e-5)
     assert ((0 <= scores) & (scores <= CLIP_SCORE_WEIGHT)).all()
-    with pytest.raises(AestheticError, match="one prompt per image"):
-        scorer.score(prompts[:2], images)
+    assert CLIP_SCORE_WEIGHT == 2.5 and CLIP_SCORE_PREFIX == "A photo depicts "
+
+
+def test_clip_score_prefix_is_a_setting(home: Path, embedder: Embedder, images) -> None:
+    bare = ClipScore({"embedder": TINY, "prefix": "", "name": "CLIP score (bare)"}, home=home, **CPU)
+    cosine = np.sum(embedder.embed_texts(["a red fox"]) * embedder.embed_images(images[:1]), axis=1)
+    np.testing.assert_allclose(bare.score(["a red fox"], images[:1])["prompt_following"],
+                               CLIP_SCORE_WEIGHT * np.maximum(cosine, 0), atol=1e-5)
+    assert bare.name == "CLIP score (bare)"
+
+
+def test_scorers_meet_the_protocol_and_share_one_embedder(laion: LaionAesthetic, clip_score: ClipScore) -> None:
+    assert (laion.name, laion.aspects, laion.untrained_aspects) == ("LAION aesthetic", ("aesthetic",), ())
+    assert (clip_score.name, clip_score.aspects, clip_score.untrained_aspects) == (
+        "CLIP score", ("prompt_following",), ())
+    assert laion.embedder is clip_score.embedder
+    for scorer in (laion, clip_score):
+        assert {k: v.shape for k, v in scorer.score([], []).items()} == {scorer.aspects[0]: (0,)}
+        with pytest.raises(AestheticError, match="2 prompts for 3 images"):
+            scorer.score(["a", "b"], [Image.new("RGB", (8, 8))] * 3)
+        with pytest.raises(AestheticError, match="prompts must be a list"):
+            scorer.score("a", [Image.new("RGB", (8, 8))])
+        with pytest.raises(AestheticError, match=r"prompts at positions \[1\] are not strings"):
+            scorer.score(["a", None], [Image.new("RGB", (8, 8))] * 2)
+
+
+def test_tiny_profile_scorers_build_through_the_registry(images, tmp_path: Path) -> None:
+    registry = Registry(load_profile("tiny"), tmp_path)
+    for name, aspect in (("LAION aesthetic", "aesthetic"), ("CLIP score", "prompt_following")):
+        scores = registry.engine(SCORERS, name).score(["a red fox"] * 3, images)
+        assert scores[aspect].shape == (3,) and np.isfinite(scores[aspect]).all()
+    assert registry.engine(SCORERS, "LAION aesthetic").embedder is registry.engine(SCORERS, "CLIP score").embedder
+
+
+@pytest.mark.parametrize(("kind", "settings", "message"), [
+    (LaionAestheticSettings, {"embedder": TINY}, "need a `head`"),
+    (LaionAestheticSettings, {"head": "tiny"}, "need an `embedder`"),
+    (LaionAestheticSettings, {"embedder": TINY, "head": "tiny", "size": 3}, "unknown LAION aesthetic settings: size"),
+    (LaionAestheticSettings, {"embedder": TINY, "head": "tiny", "name": ""}, "name must be a non-empty string"),
+    (ClipScoreSettings, {"embedder": TINY, "weight": 100}, "unknown CLIP score settings: weight"),
+    (ClipScoreSettings, {"embedder": TINY, "prefix": None}, "prefix must be a string"),
+])
+def test_bad_settings_are_refused(kind, settings, message: str) -> None:
+    with pytest.raises(AestheticError, match=message):
+        kind.from_settings(settings)
+
+
+def test_missing_head_file_is_refused(home: Path) -> None:
+    with pytest.raises(AestheticError, match="no LAION aesthetic head at .*nowhere.pth"):
+        LaionAesthetic({"embedder": TINY, "head": "nowhere.pth"}, home=home, **CPU)
