@@ -1,24 +1,26 @@
 """Critics: image-text-to-text models (AesExpert and any transformers VLM) that chat about an image.
 
-Streaming goes through `TextIteratorStreamer` with generation in a worker thread; a cancelled or abandoned
-stream stops generating at the next token, and an error in the worker reaches the reader. The Q-Align score
+Streaming runs generation in a worker thread and hands the reader every new token at once, decoded at most
+`STREAM_INTERVAL_S` apart; a cancelled or abandoned stream stops generating at the next token, and an error in
+the worker reaches the reader. The Q-Align score
 turns any critic into a 1–5 aesthetic scorer.
 """
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
 from PIL import Image
-from transformers import (AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList,
-                          TextIteratorStreamer)
+from transformers import AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from engines.adapters import ImageAdapters
 from engines.llava_convert import load_or_convert
@@ -33,6 +35,10 @@ LEVEL_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 QALIGN_QUESTION = "How would you rate the aesthetics of this image?"
 QALIGN_ANSWER_PREFIX = " The aesthetics of the image is"
 HUB_PREFIX = "hf://"
+T = TypeVar("T")
+# A person reads a stream refreshed 30 times a second as smooth; waking the reader for every token instead cost a
+# small model half its speed (bench/critique.py), the thread hand-off and re-decoding outweighing the token.
+STREAM_INTERVAL_S = 1 / 30
 
 
 class CriticError(ValueError):
@@ -112,6 +118,50 @@ class _Cancelled(StoppingCriteria):
         return self.event.is_set()
 
 
+class _TokenStreamer(BaseStreamer):
+    """Collects generated token ids in the worker; the reader decodes whatever has arrived, one batch at a time.
+
+    Unlike `TextIteratorStreamer`, the worker does no decoding and wakes the reader only through an event, so
+    a fast model is not slowed to the reader's pace, and text is decoded once per refresh rather than per token.
+    """
+
+    def __init__(self, tokenizer: Any, interval: float) -> None:
+        self.tokenizer = tokenizer
+        self.interval = interval
+        self.ids: list[int] = []
+        self.prompt_seen = False
+        self.arrived = threading.Event()
+        self.finished = threading.Event()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())  # list.extend is atomic under the GIL; no lock needed
+        self.arrived.set()
+
+    def end(self) -> None:
+        self.finished.set()
+        self.arrived.set()
+
+    def texts(self) -> Iterator[str]:
+        """The answer so far, each time it has changed, until generation ends."""
+        shown = ""
+        while True:
+            self.arrived.wait()
+            self.arrived.clear()
+            done = self.finished.is_set()
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+            if not done:
+                text = text.rstrip("\ufffd")  # a character whose bytes have not all arrived yet
+            if text != shown:
+                shown = text
+                yield text
+            if done:
+                return
+            self.finished.wait(self.interval)  # lets tokens gather; returns at once when generation ends
+
+
 def _resolve(path: str, home: Path) -> Path:
     if path.startswith(HUB_PREFIX):  # hf://owner/repo/file, cached by huggingface_hub
         owner, repo, filename = path.removeprefix(HUB_PREFIX).split("/", 2)
@@ -160,11 +210,19 @@ class Critic:
                              else self.tokenizer.eos_token_id)
         self.context = self.model.config.get_text_config().max_position_embeddings
         self._level_ids: list[int] | None = None
+        # Every model call runs on this one thread. OpenMP keeps a thread team per calling thread, and two teams
+        # on a small CPU fight each other: preparing inputs on the caller's thread and generating on another
+        # cost a third of the tokens/s on 2 cores (bench/critique.py). One thread also serializes requests.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
 
     def _image(self, image: Image.Image) -> Image.Image:
         if self.image_aspect_ratio == "pad":
             return pad_to_square(image, self.processor.image_processor.image_mean)
         return image
+
+    def on_model_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` run on the thread that makes every model call of this critic."""
+        return self._thread.submit(fn, *args, **kwargs).result()
 
     def prompt(self, history: Sequence[Turn], question: str, answer_prefix: str = "") -> str:
         """The chat-templated text of the conversation so far plus the new question; the image opens turn one."""
@@ -187,7 +245,9 @@ class Critic:
     def inputs(self, image: Image.Image, question: str, history: Sequence[Turn] = (), answer_prefix: str = "",
                reserve: int = 0) -> dict[str, torch.Tensor]:
         """Model inputs for the conversation plus the question, refused if they and `reserve` more overflow."""
-        text = self.prompt(history, question, answer_prefix)
+        return self._encode(image, self.prompt(history, question, answer_prefix), reserve)
+
+    def _encode(self, image: Image.Image, text: str, reserve: int) -> dict[str, torch.Tensor]:
         inputs = self.processor(images=self._image(image), text=text, return_tensors="pt").to(self.model.device)
         length = inputs["input_ids"].shape[1]
         if length + reserve > self.context:
@@ -201,38 +261,43 @@ class Critic:
                generation: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Iterator[str]:
         """The answer as it grows; setting `cancel`, or closing the iterator, stops the model at the next token."""
         generation = generation or self.settings.generation
-        inputs = self.inputs(image, question, history, reserve=generation.max_new_tokens)
+        text = self.prompt(history, question)  # refuses an empty or huge question before the model is involved
         cancel = cancel or threading.Event()
-        kwargs = {**inputs, **generation.generate_kwargs(), "pad_token_id": self.pad_token_id,
+        kwargs = {**generation.generate_kwargs(), "pad_token_id": self.pad_token_id,
                   "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])}
         if generation.num_beams > 1:
             # transformers cannot stream beam search (the best beam is known only at the end): one piece.
-            with torch.inference_mode():
-                out = self.model.generate(**kwargs)
-            yield self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            yield self.on_model_thread(self._whole_answer, image, text, generation, kwargs)
             return
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _TokenStreamer(self.tokenizer, STREAM_INTERVAL_S)
         failures: list[BaseException] = []
 
         def work() -> None:
             try:
-                self.model.generate(**kwargs, streamer=streamer)
+                inputs = self._encode(image, text, generation.max_new_tokens)
+                with torch.inference_mode():  # thread-local, so set here: it spares autograd's version counters
+                    self.model.generate(**inputs, **kwargs, streamer=streamer)
             except BaseException as error:  # handed to the reader, who would otherwise wait forever
                 failures.append(error)
+            finally:
                 streamer.end()
 
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        answer = ""
+        job = self._thread.submit(work)
         try:
-            for piece in streamer:
-                answer += piece
-                yield answer.strip()
+            yield from streamer.texts()
             if failures:
                 raise failures[0]
         finally:
             cancel.set()
-            worker.join()
+            if not job.cancel():  # a job still queued never starts; a running one stops at its next token
+                job.result()
+
+    def _whole_answer(self, image: Image.Image, text: str, generation: GenerationSettings,
+                      kwargs: dict[str, Any]) -> str:
+        inputs = self._encode(image, text, generation.max_new_tokens)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     def answer(self, image: Image.Image, question: str, history: Sequence[Turn] = (),
                generation: GenerationSettings | None = None) -> str:
@@ -261,6 +326,9 @@ class Critic:
 
     def aesthetic_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Q-Align: softmax over the level words' next-token logits, weighted 1…0, mapped to 1–5."""
+        return self.on_model_thread(self._aesthetic_scores, images)
+
+    def _aesthetic_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         ids = self.level_token_ids()
         weights = torch.tensor(LEVEL_WEIGHTS)
         scores = []

@@ -3,6 +3,7 @@ limits, adapters and the Q-Align score."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import engines.critic as critic_module
 from engines.critic import (LEVEL_WEIGHTS, LEVELS, Critic, CriticError, CriticSettings, GenerationSettings,
-                            QAlignScore, Turn, pad_to_square)
+                            QAlignScore, Turn, _TokenStreamer, pad_to_square)
 from engines.llava_convert import LLAVA_V1_SYSTEM
 
 TINY = {"model": "tiny", "format": "llava-original", "generation": {"max_new_tokens": 12}}
@@ -38,19 +40,43 @@ def image() -> Image.Image:
     return Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8))
 
 
-def _bare_greedy(critic: Critic, image: Image.Image, question: str, **kwargs) -> str:
+def _bare_greedy(critic: Critic, image: Image.Image, question: str, max_new_tokens: int = 12, **kwargs) -> str:
     inputs = critic.inputs(image, question)
     with torch.no_grad():
-        out = critic.model.generate(**inputs, max_new_tokens=12, do_sample=False, **kwargs)
+        out = critic.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     return critic.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("name", ["critic", "vlm"])
-def test_streaming_grows_to_the_greedy_answer(name: str, image: Image.Image, request: pytest.FixtureRequest) -> None:
+def test_streaming_grows_to_the_greedy_answer(name: str, image: Image.Image, request: pytest.FixtureRequest,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     critic = request.getfixturevalue(name)
-    parts = list(critic.stream(image, "how would you rate this image ?"))
+    monkeypatch.setattr(critic.model.generation_config, "eos_token_id", None)  # a long answer, many refreshes
+    monkeypatch.setattr(critic_module, "STREAM_INTERVAL_S", 0.0)
+    question, length = "how would you rate this image ?", 100
+    parts = list(critic.stream(image, question, generation=GenerationSettings(max_new_tokens=length)))
     assert len(parts) > 1 and all(later.startswith(earlier) for earlier, later in zip(parts, parts[1:]))
-    assert parts[-1] == _bare_greedy(critic, image, "how would you rate this image ?")
+    assert parts[-1] == _bare_greedy(critic, image, question, max_new_tokens=length)
+
+
+def test_stream_refreshes_at_most_every_interval(critic: Critic) -> None:
+    streamer = _TokenStreamer(critic.tokenizer, interval=0.05)
+    words = critic.tokenizer("good fair poor bad " * 10, add_special_tokens=False).input_ids
+
+    def generate() -> None:  # a model making a token every 2 ms, as generate() feeds a streamer
+        streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt comes first and is not part of the answer
+        for word in words:
+            streamer.put(torch.tensor([word]))
+            time.sleep(0.002)
+        streamer.end()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    parts = list(streamer.texts())
+    worker.join()
+    # ~80 ms of tokens at 20 refreshes a second: the reader wakes a few times, not once per token.
+    assert 1 < len(parts) <= 5 and len(words) == 40
+    assert parts[-1] == critic.tokenizer.decode(words, skip_special_tokens=True).strip()
 
 
 def test_beam_search_answers_in_one_piece(critic: Critic, image: Image.Image) -> None:
