@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -177,6 +178,60 @@ def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
     return square
 
 
+@dataclass(eq=False)
+class _LoadedModel:
+    """A critic model with its processor and adapters, and the one thread that makes all of its calls."""
+
+    model: Any
+    processor: Any
+    adapters: ImageAdapters | None
+    image_aspect_ratio: str
+    # OpenMP keeps a thread team per calling thread, and two teams on a small CPU fight each other: preparing
+    # inputs on the caller's thread and generating on another cost a third of the tokens/s on 2 cores
+    # (bench/critique.py). One thread per model also serializes its requests.
+    thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic"))
+
+
+def _load(s: CriticSettings, device: str, dtype: str, home: Path) -> _LoadedModel:
+    aspect_ratio = "square"
+    if s.format == "llava-original":
+        source, tower = s.model, s.vision_tower
+        if s.model == "tiny":
+            written = write_tiny_llava_original(home / "tiny")
+            source, tower = written / "llava", written / "clip-vision"
+        cache = home / "converted" / str(source).strip("/").replace("/", "--")
+        model, processor, report = load_or_convert(source, cache, tower, DTYPES[dtype])
+        aspect_ratio = report.image_aspect_ratio
+    else:
+        source = write_tiny_vlm(home / "tiny") if s.model == "tiny" else s.model
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype])
+        processor = AutoProcessor.from_pretrained(source)
+    if getattr(processor, "chat_template", None) is None:
+        raise CriticError(f"{s.model} has no chat template in its processor, so its prompts cannot be built")
+    model.to(device=device, dtype=DTYPES[dtype]).eval()
+    adapters = None
+    if s.adapters:
+        adapters = ImageAdapters.for_model(model).load(_resolve(s.adapters, home)).attach(model)
+    return _LoadedModel(model, processor, adapters, aspect_ratio)
+
+
+_shared: weakref.WeakValueDictionary[tuple[Any, ...], _LoadedModel] = weakref.WeakValueDictionary()
+_shared_guard = threading.Lock()
+
+
+def _shared_model(s: CriticSettings, device: str, dtype: str, home: Path) -> _LoadedModel:
+    """One loaded model for every critic that differs only in its decoding defaults (a chat system, a sampled
+    variant, the Q-Align scorer), freed once none holds it: a 7B model loaded twice would not fit one GPU."""
+    key = (replace(s, generation=GenerationSettings()), device, dtype, home.resolve())
+    # One guard for all keys: a second critic waits for the first one's load instead of loading a copy.
+    with _shared_guard:
+        loaded = _shared.get(key)
+        if loaded is None:
+            loaded = _shared[key] = _load(s, device, dtype, home)
+        return loaded
+
+
 class Critic:
     """`Critic(settings, device=…, dtype=…, home=…)`: chat about one image, streamed; Q-Align scores."""
 
@@ -184,36 +239,15 @@ class Critic:
         self.settings = CriticSettings.from_settings(settings)
         if dtype not in DTYPES:
             raise CriticError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        home, s = Path(home), self.settings
-        self.image_aspect_ratio = "square"
-        if s.format == "llava-original":
-            source, tower = s.model, s.vision_tower
-            if s.model == "tiny":
-                written = write_tiny_llava_original(home / "tiny")
-                source, tower = written / "llava", written / "clip-vision"
-            cache = home / "converted" / str(source).strip("/").replace("/", "--")
-            self.model, self.processor, report = load_or_convert(source, cache, tower, DTYPES[dtype])
-            self.image_aspect_ratio = report.image_aspect_ratio
-        else:
-            source = write_tiny_vlm(home / "tiny") if s.model == "tiny" else s.model
-            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=DTYPES[dtype])
-            self.processor = AutoProcessor.from_pretrained(source)
-        if getattr(self.processor, "chat_template", None) is None:
-            raise CriticError(f"{s.model} has no chat template in its processor, so its prompts cannot be built")
-        self.model.to(device=device, dtype=DTYPES[dtype]).eval()
-        self.adapters = None
-        if s.adapters:
-            path = _resolve(s.adapters, home)
-            self.adapters = ImageAdapters.for_model(self.model).load(path).attach(self.model)
+        # Held, not copied: the loaded model lives as long as some critic built on it.
+        self._loaded = loaded = _shared_model(self.settings, device, dtype, Path(home))
+        self.model, self.processor, self.adapters = loaded.model, loaded.processor, loaded.adapters
+        self.image_aspect_ratio, self._thread = loaded.image_aspect_ratio, loaded.thread
         self.tokenizer = self.processor.tokenizer
         self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                              else self.tokenizer.eos_token_id)
         self.context = self.model.config.get_text_config().max_position_embeddings
         self._level_ids: list[int] | None = None
-        # Every model call runs on this one thread. OpenMP keeps a thread team per calling thread, and two teams
-        # on a small CPU fight each other: preparing inputs on the caller's thread and generating on another
-        # cost a third of the tokens/s on 2 cores (bench/critique.py). One thread also serializes requests.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic")
 
     def _image(self, image: Image.Image) -> Image.Image:
         if self.image_aspect_ratio == "pad":

@@ -81,5 +81,10 @@ def test_every_profile_has_valid_settings(name: str) -> None:
     VPScoreSettings.from_settings(scorers["engines.reward:VPScore"])
     for engine in ("engines.aesthetic:LaionAesthetic", "engines.aesthetic:ClipScore"):
         EmbedderSettings.from_settings(scorers[engine]["embedder"])
+    critics = profile.systems.get("critique", ())
+    assert len(critics) >= 2, "a critique battle needs two critics"
+    for spec in critics:
+        assert spec.engine == "engines.critic:Critic"
+        CriticSettings.from_settings(spec.settings)
     if "engines.critic:QAlignScore" in scorers:
         CriticSettings.from_settings({k: v for k, v in scorers["engines.critic:QAlignScore"].items() if k != "name"})

@@ -220,3 +220,15 @@ def test_adapters_switch_on_per_system(home: Path, critic: Critic, image: Image.
             torch.testing.assert_close(adapted.model(**inputs).logits, critic.model(**inputs).logits)
     # Streaming generates in a worker thread; the adapters act there too.
     assert list(adapted.stream(image, "rate the image"))[-1] == _bare_greedy(adapted, image, "rate the image")
+
+
+def test_critics_on_the_same_weights_share_one_model(home: Path, critic: Critic) -> None:
+    """A sampled variant and the Q-Align scorer of the chat critic must not load the weights again."""
+    sampled = Critic({**TINY, "generation": {"max_new_tokens": 12, "temperature": 0.8}}, device="cpu",
+                     dtype="float32", home=home)
+    scorer = QAlignScore(TINY, device="cpu", dtype="float32", home=home)
+    assert sampled.model is critic.model and scorer.critic.model is critic.model
+    assert sampled.settings.generation.temperature == 0.8 and critic.settings.generation.temperature == 0.0
+    # Other weights, or adapters switched on, are another model.
+    assert Critic(TINY_VLM, device="cpu", dtype="float32", home=home).model is not critic.model
+    assert Critic(TINY, device="cpu", dtype="float32", home=home / "elsewhere").model is not critic.model
