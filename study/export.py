@@ -13,9 +13,9 @@ generation: Pick-a-Pic's columns, so PickScore and Diffusion-DPO tooling reads t
   choice (a | b | tie | both_bad, so consumers can drop both_bad), aspects, is_judge, counts_for_board.
 
 retrieval, critique: comparison_id, created_at, task, prompt, system_a, system_b, choice, aspects, reason,
-  latency_ms, participant (id, never the pseudonym), is_judge, counts_for_board, output_a / output_b (the
-  stored text, or the JSON text of a ranking; null for other media or no output), output_a_sha256 /
-  output_b_sha256.
+  latency_ms, confidence (1–5 or null), participant (id, never the pseudonym), is_judge, counts_for_board,
+  output_a / output_b (the stored text, or the JSON text of a ranking; null for other media or no output),
+  output_a_sha256 / output_b_sha256.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def schema(task: str) -> pa.Schema:
     return pa.schema([
         ("comparison_id", pa.int64()), ("created_at", pa.timestamp("us")), ("task", pa.string()),
         ("prompt", pa.string()), ("system_a", pa.string()), ("system_b", pa.string()), *tail,
-        ("reason", pa.string()), ("latency_ms", pa.int64()), ("participant", pa.int64()), *flags,
+        ("reason", pa.string()), ("latency_ms", pa.int64()), ("confidence", pa.int64()), ("participant", pa.int64()),
+        *flags,
         ("output_a", pa.string()), ("output_b", pa.string()), ("output_a_sha256", pa.string()),
         ("output_b_sha256", pa.string())])
 
@@ -131,7 +132,7 @@ def _votes_query(task: str) -> Select:
         for aspect in TASK_ASPECTS[task]]).group_by(VoteAspect.vote_id).subquery()
     return (select(Vote.id.label("vote_id"), Comparison.id.label("comparison_id"), Vote.created_at,
                    Comparison.prompt, a.name.label("system_a"), b.name.label("system_b"), Vote.choice, Vote.reason,
-                   Vote.latency_ms, Vote.participant_id, Participant.kind, Vote.counts_for_board,
+                   Vote.latency_ms, Vote.confidence, Vote.participant_id, Participant.kind, Vote.counts_for_board,
                    Comparison.output_a, blob_a.media_type.label("media_a"),
                    Comparison.output_b, blob_b.media_type.label("media_b"),
                    *[pivot.c[f"aspect_{aspect}"] for aspect in TASK_ASPECTS[task]])
@@ -216,6 +217,7 @@ def _plain(chunk: pd.DataFrame, blobs: BlobStore, task: str) -> dict[str, list]:
         "system_b": chunk["system_b"].tolist(),
         "reason": _nones(chunk["reason"]),
         "latency_ms": _ids(chunk["latency_ms"]),
+        "confidence": _ids(chunk["confidence"]),
         "participant": _ids(chunk["participant_id"]),
         "output_a": [_text(blobs, sha, media) for sha, media in zip(first, _nones(chunk["media_a"]))],
         "output_b": [_text(blobs, sha, media) for sha, media in zip(second, _nones(chunk["media_b"]))],

@@ -4,7 +4,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Integer, MetaData, SmallInteger,
+                        String, Text)
 from sqlalchemy import UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -97,13 +98,15 @@ class Vote(Base):
     """The one vote a comparison can get; the unique comparison_id makes voting idempotent."""
 
     __tablename__ = "votes"
-    __table_args__ = (CheckConstraint(f"choice {CHOICE_SQL}", name="choice"),)
+    __table_args__ = (CheckConstraint(f"choice {CHOICE_SQL}", name="choice"),
+                      CheckConstraint("confidence BETWEEN 1 AND 5", name="confidence"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     comparison_id: Mapped[int] = mapped_column(ForeignKey("comparisons.id"), unique=True)
     choice: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str | None] = mapped_column(Text)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
+    confidence: Mapped[int | None] = mapped_column(SmallInteger)  # 1–5, where the task asks (HPIR)
     participant_id: Mapped[int | None] = mapped_column(ForeignKey("participants.id"))
     counts_for_board: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

@@ -85,6 +85,7 @@ class VoteReceipt:
     counts_for_board: bool
     created_at: datetime
     repeated: bool = False
+    confidence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def _insert_blob(s: Session):
 def _votes() -> Select:
     a, b = aliased(System), aliased(System)
     return (select(Vote.id.label("vote_id"), Comparison.token, Comparison.task, Vote.choice,
-                   a.name.label("system_a"), b.name.label("system_b"), Vote.counts_for_board, Vote.created_at)
+                   a.name.label("system_a"), b.name.label("system_b"), Vote.counts_for_board, Vote.created_at,
+                   Vote.confidence)
             .join(Comparison, Vote.comparison_id == Comparison.id)
             .join(a, Comparison.system_a_id == a.id).join(b, Comparison.system_b_id == b.id))
 
@@ -242,8 +244,11 @@ class VoteService:
 
     def record_vote(self, token: str, choice: str, aspects: Mapping[str, str] | None = None,
                     reason: str | None = None, latency_ms: int | None = None,
-                    participant_id: int | None = None, counts_for_board: bool = True) -> VoteReceipt:
-        """Record the vote on `token` exactly once; the identical repeat returns the stored vote."""
+                    participant_id: int | None = None, counts_for_board: bool = True,
+                    confidence: int | None = None) -> VoteReceipt:
+        """Record the vote on `token` exactly once; the identical repeat returns the stored vote.
+
+        `confidence` (1–5) is how sure the voter says they are, as HPIR asks of retrieval judgements."""
         try:
             check_choice(choice)
         except ValueError as error:
@@ -253,6 +258,8 @@ class VoteService:
             raise VoteError(f"the reason is {len(reason)} characters; the limit is {self.config.max_reason_chars}")
         if latency_ms is not None and not 0 <= latency_ms <= self.config.max_latency_ms:
             raise VoteError(f"latency {latency_ms} ms is out of range")
+        if confidence is not None and (isinstance(confidence, bool) or confidence not in range(1, 6)):
+            raise VoteError(f"confidence must be a whole number from 1 to 5, got {confidence!r}")
         with self.engine.connect() as conn:
             comparison = self._comparison(conn, token)
             try:
@@ -260,7 +267,7 @@ class VoteService:
             except ValueError as error:
                 raise VoteError(str(error)) from None
             if comparison.vote_id is not None:
-                return self._same_or_conflict(self._stored_vote(conn, comparison.id), choice, aspects)
+                return self._same_or_conflict(self._stored_vote(conn, comparison.id), choice, aspects, confidence)
             if comparison.participant_id is not None and comparison.participant_id != participant_id:
                 raise NotYourComparison("this comparison was shown to another session; start a new round")
             now = utcnow()
@@ -270,7 +277,8 @@ class VoteService:
                 vote_id = conn.execute(
                     insert(Vote).returning(Vote.id),
                     {"comparison_id": comparison.id, "choice": choice, "reason": reason, "latency_ms": latency_ms,
-                     "participant_id": participant_id, "counts_for_board": counts_for_board, "created_at": now},
+                     "confidence": confidence, "participant_id": participant_id,
+                     "counts_for_board": counts_for_board, "created_at": now},
                 ).scalar_one()
                 if aspects:
                     conn.execute(insert(VoteAspect),
@@ -278,9 +286,9 @@ class VoteService:
                 conn.commit()
             except IntegrityError:  # a concurrent request voted on the same comparison first
                 conn.rollback()
-                return self._same_or_conflict(self._stored_vote(conn, comparison.id), choice, aspects)
+                return self._same_or_conflict(self._stored_vote(conn, comparison.id), choice, aspects, confidence)
         return VoteReceipt(vote_id, token, comparison.task, choice, aspects, comparison.system_a,
-                           comparison.system_b, counts_for_board, now)
+                           comparison.system_b, counts_for_board, now, confidence=confidence)
 
     def list_votes(self, task: str | None = None, limit: int = 100, offset: int = 0) -> list[VoteReceipt]:
         """Votes, newest first."""
@@ -347,13 +355,14 @@ class VoteService:
     @staticmethod
     def _receipt(row, aspects: dict[str, str], repeated: bool = False) -> VoteReceipt:
         return VoteReceipt(row.vote_id, row.token, row.task, row.choice, aspects, row.system_a, row.system_b,
-                           row.counts_for_board, row.created_at, repeated)
+                           row.counts_for_board, row.created_at, repeated, row.confidence)
 
     @staticmethod
-    def _same_or_conflict(stored: VoteReceipt | None, choice: str, aspects: dict[str, str]) -> VoteReceipt:
+    def _same_or_conflict(stored: VoteReceipt | None, choice: str, aspects: dict[str, str],
+                          confidence: int | None) -> VoteReceipt:
         if stored is None:
             raise VoteError("the vote could not be stored; please try again")
-        if stored.choice != choice or stored.aspects != aspects:
+        if stored.choice != choice or stored.aspects != aspects or stored.confidence != confidence:
             raise ConflictingVote(f"this comparison already has a different vote ({stored.choice}); "
                                   "votes cannot be changed")
         return VoteReceipt(**{**stored.__dict__, "repeated": True})

@@ -212,3 +212,20 @@ def test_matchups_only_among_servable_systems(arena: VoteService) -> None:
     draws = {frozenset((m.system_a, m.system_b)) for m in
              (arena.pick_matchup("generation", among={"alpha", "gamma"}) for _ in range(20))}
     assert draws == {frozenset({"alpha", "gamma"})}
+
+
+def test_confidence_is_stored_once_and_checked(service: VoteService) -> None:
+    """HPIR's confidence travels with the vote: kept, part of the exactly-once identity, and range-checked."""
+    service.register_system("retrieval", "clip")
+    service.register_system("retrieval", "clip+aesthetic")
+    matchup = service.pick_matchup("retrieval")
+    for bad in (0, 6, True):
+        token = service.open_comparison(matchup, "a red car", Output(b"[1]", "application/json"),
+                                        Output(b"[2]", "application/json")).token
+        with pytest.raises(VoteError, match="confidence"):
+            service.record_vote(token, "a", confidence=bad)
+    receipt = service.record_vote(token, "a", {"aesthetic": "b"}, confidence=4)
+    assert receipt.confidence == 4 and service.record_vote(token, "a", {"aesthetic": "b"}, confidence=4).repeated
+    with pytest.raises(ConflictingVote):
+        service.record_vote(token, "a", {"aesthetic": "b"}, confidence=2)
+    assert service.list_votes("retrieval")[0].confidence == 4
