@@ -7,11 +7,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from demos import about, critique, generate, leaderboard
+from demos import about, critique, generate, leaderboard, retrieval
 from demos.context import AppContext, Settings, build_context
 from study.leaderboard import LeaderboardConfig
 
-TABS = (generate, critique, leaderboard, about)
+TABS = (generate, retrieval, critique, leaderboard, about)
 
 
 def banner(ctx: AppContext) -> str:

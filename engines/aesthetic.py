@@ -8,7 +8,7 @@ is mirrored on the Hub at `camenduru/improved-aesthetic-predictor` (the real pro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +177,71 @@ class ClipScore:
         texts = self.embedder.embed_texts([self.settings.prefix + prompt for prompt in prompts])
         cosine = np.sum(texts * self.embedder.embed_images(images), axis=1)
         return {"prompt_following": (CLIP_SCORE_WEIGHT * np.maximum(cosine, 0.0)).astype(np.float32)}
+
+
+# Low-level features, each squashed to [0, 1] on fixed scales so that scores compare across images and galleries.
+LOW_LEVEL_SIDE = 256  # features are measured at this longer side: cheap, and blind to the file's resolution
+COLORFULNESS_SCALE = 100.0  # Hasler & Süsstrunk: ~59 is "highly", ~109 "extremely" colourful
+SHARPNESS_SCALE = 300.0  # Laplacian variance of a grey image in 0–255: blurry below ~100, crisp above ~500
+FEATURES = ("colorfulness", "sharpness", "exposure", "contrast", "saturation")
+
+
+def low_level_features(image: Image.Image) -> dict[str, float]:
+    """Colourfulness, sharpness, exposure, contrast and saturation of an image, each in [0, 1]."""
+    small = image.convert("RGB")
+    small.thumbnail((LOW_LEVEL_SIDE, LOW_LEVEL_SIDE))
+    rgb = np.asarray(small, dtype=np.float64)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    rg, yb = red - green, 0.5 * (red + green) - blue
+    colorfulness = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    grey = 0.299 * red + 0.587 * green + 0.114 * blue
+    # The 4-neighbour Laplacian over the interior: its variance is the usual focus measure.
+    laplacian = (grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1])
+    sharpness = laplacian.var() if laplacian.size else 0.0
+    luminance = grey / 255.0
+    saturation = np.asarray(small.convert("HSV"), dtype=np.float64)[..., 1].mean() / 255.0
+    return {"colorfulness": float(min(colorfulness / COLORFULNESS_SCALE, 1.0)),
+            "sharpness": float(1.0 - np.exp(-sharpness / SHARPNESS_SCALE)),
+            "exposure": float(1.0 - 2.0 * abs(luminance.mean() - 0.5)),
+            "contrast": float(min(2.0 * luminance.std(), 1.0)),  # RMS contrast; 0.5 is the largest possible
+            "saturation": float(saturation)}
+
+
+@dataclass(frozen=True)
+class LowLevelSettings:
+    """How much each low-level feature weighs in the score."""
+
+    weights: Mapping[str, float] = field(default_factory=lambda: dict.fromkeys(FEATURES, 1.0))  # unnamed: 0
+    name: str = "Low-level features"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> LowLevelSettings:
+        """Validated settings; unknown keys (and unknown features) are refused by name."""
+        refuse_unknown(settings, cls, "low-level", AestheticError)
+        weights = dict(settings.get("weights") or cls().weights)
+        refuse_unknown(weights, FEATURES, "low-level feature", AestheticError)
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or not sum(
+                weights.values()) > 0:
+            raise AestheticError(f"feature weights must be non-negative numbers, not all zero; got {weights}")
+        return cls(weights, settings.get("name", cls.name))
+
+
+class LowLevelAesthetic:
+    """The "low-level features" baseline that the aesthetic retrieval paper argues against: a weighted mean of
+    colourfulness, sharpness, exposure, contrast and saturation in [0, 1]. It needs no weights, so it works offline."""
+
+    aspects = ("aesthetic",)
+    untrained_aspects: tuple[str, ...] = ()
+
+    def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
+        self.settings = LowLevelSettings.from_settings(settings)
+        self.name = self.settings.name
+
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """One score in [0, 1] per image; the prompts play no part."""
+        _check_pairs(prompts, images)
+        weights = self.settings.weights
+        total = sum(weights.values())
+        scores = [sum(weights.get(k, 0.0) * v for k, v in low_level_features(image).items()) / total
+                  for image in images]
+        return {"aesthetic": np.asarray(scores, dtype=np.float32)}

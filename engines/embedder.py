@@ -147,6 +147,25 @@ class Embedder:
         return self._embed(images, lambda batch: self.model.encode_image(
             torch.stack([self.preprocess(image) for image in batch]).to(self.device)))
 
+    def check_text(self, text: str, what: str = "the query") -> None:
+        """Refuse a text that is empty or longer than the text encoder reads, which open_clip would cut silently."""
+        if not isinstance(text, str) or not text.strip():
+            raise EmbedderError(f"{what} is empty; please type some words")
+        context = self.tokenizer.context_length
+        # Characters first, so a pasted book costs nothing to refuse: no token packs 16 characters.
+        size = f"{len(text)} characters" if len(text) > 16 * context else None
+        if size is None and (tokens := len(self._token_ids(text)) + 2) > context:  # + start and end tokens
+            size = f"{tokens} tokens"
+        if size is not None:
+            raise EmbedderError(f"{what} is {size} long; this CLIP reads at most {context} tokens, so please "
+                                "shorten it")
+
+    def _token_ids(self, text: str) -> list[int]:
+        encode = getattr(self.tokenizer, "encode", None)  # open_clip's own BPE tokenizer
+        if encode is not None:
+            return encode(text)
+        return self.tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]  # a wrapped HF tokenizer
+
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length text embeddings, one float32 row per text (open_clip's tokenizer truncates at its context)."""
         if isinstance(texts, str) or not isinstance(texts, Sequence):

@@ -356,3 +356,28 @@ def write_tiny_vlm(root: Path, *, seed: int = 0) -> Path:
                        chat_template=_TINY_VLM_CHAT_TEMPLATE).save_pretrained(staging)
 
     return _write_once(Path(root) / "vlm", write)
+
+
+# A plain-text "ROLE: text" chat template, as small instruct models ship with their tokenizer.
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def write_tiny_causal_lm(root: Path, *, seed: int = 0) -> Path:
+    """A tiny random Llama causal LM with a chat template: the query rephraser of the tiny profile."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def write(staging: Path) -> None:
+        tokenizer = write_tiny_llama_tokenizer(staging)
+        tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+        tokenizer.save_pretrained(staging)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=0)).save_pretrained(staging)
+
+    return _write_once(Path(root) / "causal-lm", write)

@@ -2,7 +2,8 @@
 
     python -m study [--db URL] [--home DIR] init
     python -m study import-votes FILE [--skip-bad] [--task T]
-    python -m study leaderboard --task T [--aspect A] [--bootstrap N] [--min-votes K] [--include-judges] [--json]
+    python -m study leaderboard --task T [--aspect A] [--bootstrap N] [--min-votes K]
+                         [--include-judges | --judges-only] [--json]
     python -m study export --out DIR [--format parquet|hf] [--task T]
     python -m study stats [--json]
 
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--bootstrap", type=int, default=LeaderboardConfig.bootstrap_rounds, metavar="N",
                        help="bootstrap rounds (default: %(default)s)")
     board.add_argument("--min-votes", type=int, default=0, metavar="K", help="hide systems with fewer votes")
-    board.add_argument("--include-judges", action="store_true", help="count model judges' votes too")
+    who = board.add_mutually_exclusive_group()
+    who.add_argument("--include-judges", action="store_true", help="count model judges' votes too")
+    who.add_argument("--judges-only", action="store_true", help="the model judges' own board")
     board.add_argument("--json", action="store_true", help="print a JSON list")
 
     export = commands.add_parser("export", parents=[common], help="export votes for training and analysis")
@@ -146,7 +149,8 @@ def _leaderboard(args: argparse.Namespace, url: str, home: Path) -> int:
     engine = _engine(url)
     try:
         config = LeaderboardConfig(bootstrap_rounds=args.bootstrap, min_votes=args.min_votes)
-        counts = load_counts(engine, args.task, args.aspect, include_judges=args.include_judges)
+        counts = load_counts(engine, args.task, args.aspect, include_judges=args.include_judges,
+                             judges_only=args.judges_only)
     except ValueError as error:  # an unknown aspect, or settings the config refuses
         raise UserError(str(error)) from None
     standings = compute_leaderboard(counts, config)
@@ -154,7 +158,8 @@ def _leaderboard(args: argparse.Namespace, url: str, home: Path) -> int:
         print(json.dumps([asdict(s) for s in standings], indent=2))
         return 0
     title = f"{args.task}" + (f" / {args.aspect}" if args.aspect else "")
-    judges = "judges included" if args.include_judges else "human votes only"
+    judges = ("model judges only" if args.judges_only else
+              "judges included" if args.include_judges else "human votes only")
     if not standings:
         print(f"{title}: no votes yet ({judges})")
         return 0

@@ -11,8 +11,9 @@ COLUMNS = ["system_a", "system_b", "outcome", "n"]
 
 
 def load_counts(engine: Engine, task: str, aspect: str | None = None, *, include_judges: bool = False,
-                board_only: bool = True) -> pd.DataFrame:
-    """Counts of the task's votes (or of one aspect's choices), grouped in the database."""
+                judges_only: bool = False, board_only: bool = True) -> pd.DataFrame:
+    """Counts of the task's votes (or of one aspect's choices), grouped in the database; humans' by default,
+    model judges' alone for their own board."""
     check_task(task)
     if aspect is not None and aspect not in TASK_ASPECTS[task]:
         raise ValueError(f"unknown aspect {aspect!r} for {task}; use one of {', '.join(TASK_ASPECTS[task])}")
@@ -26,9 +27,11 @@ def load_counts(engine: Engine, task: str, aspect: str | None = None, *, include
         query = query.join(VoteAspect, and_(VoteAspect.vote_id == Vote.id, VoteAspect.aspect == aspect))
     if board_only:
         query = query.where(Vote.counts_for_board)
-    if not include_judges:
-        # A small IN-list of judge ids is far cheaper than joining participants onto every vote.
-        judges = select(Participant.id).where(Participant.kind == "judge")
+    # A small IN-list of judge ids is far cheaper than joining participants onto every vote.
+    judges = select(Participant.id).where(Participant.kind == "judge")
+    if judges_only:
+        query = query.where(Vote.participant_id.in_(judges))
+    elif not include_judges:
         query = query.where(Vote.participant_id.is_(None) | Vote.participant_id.not_in(judges))
     with engine.connect() as conn:
         rows = conn.execute(query).all()

@@ -69,3 +69,20 @@ def test_a_battle_in_the_browser(browser, served_app: tuple[str, Path], tmp_path
     assert vote_a.is_disabled(), "one vote per battle"
     page.screenshot(path=str(tmp_path / "battle.png"), full_page=True)
     page.close()
+
+
+def test_a_search_battle_in_the_browser(browser, served_app: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = served_app
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(url)
+    page.get_by_role("tab", name="Search").click()
+    page.get_by_label("Search the gallery").fill("a cup of coffee")
+    page.get_by_role("button", name="Search", exact=True).click()
+    page.get_by_text("Which row answers the query better?").wait_for(timeout=120_000)
+    vote_b = page.get_by_role("button", name="B is better")
+    assert vote_b.is_enabled() and page.locator("img").count() >= 2 * 8
+    vote_b.click()
+    page.get_by_text("searched for").first.wait_for(timeout=30_000)
+    assert "A was " in page.inner_text("body") and vote_b.is_disabled(), "one vote per search battle"
+    page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+    page.close()

@@ -49,6 +49,10 @@ def test_judges_and_off_board_votes_are_opt_in(filled: VoteService) -> None:
     assert ("z", "z", "a") not in counts, "a system against itself carries no rating information"
 
 
+def test_judges_have_a_board_of_their_own(filled: VoteService) -> None:
+    assert _as_dict(load_counts(filled.engine, "generation", judges_only=True)) == {("x", "z", "b"): 1}
+
+
 def test_unknown_aspect_or_task(filled: VoteService) -> None:
     with pytest.raises(ValueError, match="unknown aspect"):
         load_counts(filled.engine, "generation", "diversity")
