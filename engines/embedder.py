@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,16 +128,27 @@ class Embedder:
         """The width of the joint embedding space."""
         return int(self.model.visual.output_dim)
 
-    def _embed(self, items: Sequence[Any], encode: Callable[[Sequence[Any]], torch.Tensor]) -> np.ndarray:
-        size = self.settings.batch_size
-        parts = []
+    @contextmanager
+    def _encoding(self) -> Iterator[None]:
         with self._lock, torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                                  enabled=self.autocast_dtype is not None):
-            for start in range(0, len(items), size):
-                # Normalized in float32, whatever autocast computed the features in.
-                features = encode(items[start:start + size]).float()
-                parts.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
+            yield
+
+    @staticmethod
+    def _normalized(features: torch.Tensor) -> np.ndarray:
+        # Normalized in float32, whatever autocast computed the features in.
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def _embed(self, items: Sequence[Any], encode: Callable[[Sequence[Any]], torch.Tensor]) -> np.ndarray:
+        size = self.settings.batch_size
+        with self._encoding():
+            parts = [self._normalized(encode(items[start:start + size])) for start in range(0, len(items), size)]
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit-length embeddings of images already through `preprocess` and stacked; the tensor is one batch."""
+        with self._encoding():
+            return self._normalized(self.model.encode_image(pixels.to(self.device)))
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Unit-length image embeddings, one float32 row per image, through open_clip's own preprocessing."""

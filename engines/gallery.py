@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,20 +101,30 @@ def dataset_sources(dataset: str, split: str, image_column: str, caption_column:
             for i in range(len(rows))]
 
 
-def _thumbnail(image: Image.Image, path: Path) -> None:
-    thumb = image.copy()
-    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    thumb.save(path, "JPEG", quality=85)
+@dataclass(frozen=True)
+class _Prepared:
+    """One readable image, ready for the embedder: pixels, low-level score and thumbnail."""
+
+    source: Source
+    pixels: torch.Tensor
+    low_level: float
+    thumb: Image.Image
 
 
-def _batches(sources: Iterable[Source], size: int, skipped: list[tuple[str, str]]) -> Iterator[list[tuple[Source, Image.Image]]]:
-    batch = []
+def _prepared_batches(sources: Iterable[Source], size: int, embedder: Embedder, low_level: LowLevelAesthetic,
+                      skipped: list[tuple[str, str]]) -> Iterator[list[_Prepared]]:
+    """Batches of decoded, preprocessed images; unreadable ones are listed in `skipped` and left out."""
+    batch: list[_Prepared] = []
     for source in sources:
         try:
-            batch.append((source, load_image(source.read())))
+            image = load_image(source.read())
         except (ImageRejected, OSError) as error:  # a bad file is listed and indexing goes on
             skipped.append((source.name, str(error)))
             continue
+        thumb = image.copy()
+        thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        [low] = low_level.score([""], [image])["aesthetic"]
+        batch.append(_Prepared(source, embedder.preprocess(image), float(low), thumb))
         if len(batch) == size:
             yield batch
             batch = []
@@ -137,21 +148,26 @@ def build(sources: list[Source], *, name: str, home: Path, embedder: Embedder, l
     try:
         (scratch / THUMBS).mkdir()
         rows, parts = [], []
+        batches = _prepared_batches(sources, embedder.settings.batch_size, embedder, low_level, skipped)
         # tqdm is what a terminal shows and what gr.Progress(track_tqdm=True) turns into the tab's bar.
-        with tqdm(total=len(sources), desc=f"indexing {name}", unit="image") as bar:
-            for batch in _batches(sources, embedder.settings.batch_size, skipped):
-                images = [image for _, image in batch]
-                vectors = embedder.embed_images(images)
+        with tqdm(total=len(sources), desc=f"indexing {name}", unit="image") as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="gallery-loader",
+                                   initializer=torch.set_num_threads, initargs=(1,)) as loader:
+            # Decoding and preprocessing the next batch overlaps the image tower's work on this one. The loader
+            # keeps to one torch thread (the setting is per thread): a second OpenMP team would fight the tower's.
+            pending = loader.submit(next, batches, None)
+            while (batch := pending.result()) is not None:
+                pending = loader.submit(next, batches, None)
+                vectors = embedder.embed_pixels(torch.stack([item.pixels for item in batch]))
                 laion = np.full(len(batch), np.nan, dtype=np.float32)
                 if head is not None:
                     with torch.inference_mode():
                         laion = head(torch.from_numpy(vectors)).numpy().astype(np.float32)
-                plain = low_level.score([""] * len(images), images)["aesthetic"]
-                for (item, image), laion_score, low in zip(batch, laion, plain):
+                for item, laion_score in zip(batch, laion):
                     thumb = f"{THUMBS}/{len(rows):06d}.jpg"
-                    _thumbnail(image, scratch / thumb)
-                    rows.append({"file": item.name, "caption": item.caption, "thumb": thumb,
-                                 "laion": float(laion_score), "low_level": float(low)})
+                    item.thumb.save(scratch / thumb, "JPEG", quality=85)
+                    rows.append({"file": item.source.name, "caption": item.source.caption, "thumb": thumb,
+                                 "laion": float(laion_score), "low_level": item.low_level})
                 parts.append(vectors)
                 bar.update(len(batch))
             bar.update(len(sources) - bar.n)  # skipped files count as done

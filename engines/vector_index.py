@@ -30,9 +30,10 @@ class IndexConfig:
     target_recall: float = 0.95
     recall_k: int = 10
     probe_queries: int = 256
-    # Probe queries are data points with this much Gaussian noise (per unit vector), then renormalized: a text
-    # query lands near, not on, the images it matches.
-    probe_noise: float = 0.5
+    # Probe queries are data points with this much Gaussian noise (per unit vector), then renormalized: at 2 their
+    # cosine to the point they came from is ~0.45, as a text query's is to its best image under CLIP, so the
+    # probes are as hard as the queries the index will serve.
+    probe_noise: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:

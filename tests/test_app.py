@@ -23,7 +23,14 @@ def test_leaderboard_api_ranks_the_stronger_system_first(served_app: tuple[str, 
     rows = table["data"]
     assert [row[1] for row in rows] == ["strong", "weak"]
     assert rows[0][2] > 1000 > rows[1][2] and rows[0][4] == 12
-    assert rows[0][5] == "preliminary" and "12 votes counted" in note
+    assert rows[0][5] == "preliminary" and "12 votes by people counted" in note
+
+
+def test_model_judges_have_their_own_board(served_app: tuple[str, Path]) -> None:
+    url, _ = served_app
+    table, _plot, note = Client(url, verbose=False).predict("generation", "overall", "model judges",
+                                                            api_name="/leaderboard")
+    assert table["data"] == [] and "No votes yet" in note, "people's votes stay off the judges' board"
 
 
 def test_leaderboard_api_per_aspect(served_app: tuple[str, Path]) -> None:
