@@ -43,9 +43,9 @@ def test_banner_and_leaderboard_render(browser, served_app: tuple[str, Path], tm
     text = table.inner_text()
     # Other tests may have voted for the tiny systems too; strong must still rank above weak.
     assert text.index("strong") < text.index("weak") and "preliminary" in text
-    page.get_by_text("12 votes counted").wait_for()
+    page.get_by_text("12 votes by people counted").wait_for()
     page.get_by_role("button", name="Refresh").click()
-    page.get_by_text("12 votes counted").wait_for()
+    page.get_by_text("12 votes by people counted").wait_for()
     page.get_by_role("tab", name="About").click()
     page.get_by_text("Bradley–Terry maximum likelihood").wait_for()
     page.screenshot(path=str(tmp_path / "about.png"))
