@@ -1,0 +1,227 @@
+"""Diffusion-DPO on the arena's generation votes: a LoRA on a generator's UNet that prefers what voters chose.
+
+As in diffusers' Diffusion-DPO research example: LoRA on `to_q`, `to_k`, `to_v` and `to_out.0`; the reference
+model is the same UNet with the adapters switched off; winner and loser latents share one noise draw and one
+timestep; with diff = mse(winner) − mse(loser), the loss is −log σ(β·(ref_diff − model_diff)), β = 2500. Ties
+and "both bad" votes are left out. The LoRA is saved with `save_lora_weights`, so `load_lora_weights` (and a
+profile's `loras`) reads it, and the result is registered as a new generation system beside its parent.
+
+    python -m train.diffusion_dpo --home data --parent tiny-sd --out runs/dpo --steps 200
+    accelerate launch --multi_gpu --num_processes 2 -m train.diffusion_dpo …
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from diffusers import AutoPipelineForText2Image, DDPMScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from engines.generator import GeneratorConfig
+from engines.tiny import write_tiny_pipeline
+from study.blobs import BlobStore
+from study.db import default_url, make_engine
+from study.votes import VoteService
+from train.data import PairFilter, decided, load_pairs
+
+TASK = "generation"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CHECKPOINTS = "checkpoints"
+RUN_CARD = "run_card.json"
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """The parent system, the run's output, and the DPO and LoRA settings."""
+
+    home: Path
+    out: Path
+    parent: str  # a generation system of the vote store; its settings give the base model
+    name: str = ""  # the trained system's name; default: "<parent>+dpo"
+    db: str | None = None
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-4
+    beta: float = 2500.0
+    rank: int = 8
+    resolution: int = 512
+    checkpoint_every: int = 50
+    seed: int = 0
+    filters: PairFilter = field(default_factory=PairFilter)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.beta <= 0 or self.resolution % 8:
+            raise ValueError(f"invalid Diffusion-DPO settings: {self}")
+
+
+def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample squared errors of winners then losers (2B,) → the mean loss and the implicit accuracy."""
+    model_w, model_l = model_err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    inside = beta * ((ref_w - ref_l) - (model_w - model_l))
+    return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
+
+
+def image_tensor(blobs: BlobStore, sha: str, resolution: int) -> torch.Tensor:
+    """A stored image, square-resized, as the VAE takes it: CHW in [-1, 1]."""
+    with Image.open(blobs.path(sha)) as image:
+        image = image.convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _parent_settings(votes: VoteService, parent: str) -> dict[str, Any]:
+    for system in votes.systems(TASK, enabled_only=False):
+        if system.name == parent:
+            GeneratorConfig.from_settings(system.config)  # refuse a parent whose settings no generator takes
+            return dict(system.config)
+    raise ValueError(f"there is no generation system {parent!r} in the vote store")
+
+
+def _latest_checkpoint(out: Path) -> tuple[int, Path] | None:
+    steps = [(int(p.name.removeprefix("step-")), p) for p in (out / CHECKPOINTS).glob("step-*") if p.is_dir()]
+    return max(steps) if steps else None
+
+
+def train(config: DPOConfig) -> dict[str, Any]:
+    """Train the LoRA, save it, register the trained system and write the run card."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    engine = make_engine(config.db or default_url(config.home))
+    votes = VoteService(engine, BlobStore(config.home / "blobs"))
+    parent = _parent_settings(votes, config.parent)
+    pairs = load_pairs(engine, TASK, config.filters)
+    rows = decided(pairs)
+    rows = rows[rows.split == "train"].reset_index(drop=True)
+    if rows.empty:
+        raise ValueError("no decided training pairs: every vote is a tie, both bad, or a test prompt")
+    source = write_tiny_pipeline(config.home / "tiny") if parent["model"] == "tiny" else parent["model"]
+    pipe = AutoPipelineForText2Image.from_pretrained(source)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    blobs = BlobStore(config.home / "blobs")
+    resolution = min(config.resolution, unet.config.sample_size * pipe.vae_scale_factor)
+    with torch.inference_mode():
+        prompt_ids = tokenizer(list(rows.prompt.fillna("")), padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    examples = [(prompt_ids[i], image_tensor(blobs, rows.chosen[i], resolution), image_tensor(blobs, rows.rejected[i], resolution))
+                for i in range(len(rows))]
+    loader = DataLoader(examples, batch_size=config.batch_size, shuffle=True,
+                        drop_last=len(examples) > config.batch_size)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=config.lr)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    step, resumed = 0, None
+    if (latest := _latest_checkpoint(config.out)) is not None:
+        step, path = latest
+        accelerator.load_state(str(path))
+        resumed = step
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=config.steps, initial=step, desc="Diffusion-DPO", disable=not accelerator.is_main_process)
+    bare = accelerator.unwrap_model(unet)
+    while step < config.steps:
+        for ids, winners, losers in loader:
+            with torch.no_grad():
+                text = text_encoder(ids.to(accelerator.device))[0].repeat(2, 1, 1)
+                latents = vae.encode(torch.cat([winners, losers]).to(accelerator.device)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+            # Winner and loser share one noise draw and one timestep: only the image differs.
+            noise = torch.randn_like(latents.chunk(2)[0]).repeat(2, 1, 1, 1)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),),
+                                      device=latents.device).repeat(2)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = (noise if noise_scheduler.config.prediction_type == "epsilon"
+                      else noise_scheduler.get_velocity(latents, noise, timesteps))
+            model_err = (unet(noisy, timesteps, text).sample.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+            with torch.no_grad():
+                bare.disable_adapters()  # the reference: the same UNet without the LoRA
+                ref_err = (bare(noisy, timesteps, text).sample.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+                bare.enable_adapters()
+            loss, implicit_accuracy = dpo_loss(model_err, ref_err, config.beta)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            history.append({"loss": float(loss.detach()), "implicit_accuracy": float(implicit_accuracy)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                accelerator.save_state(str(config.out / CHECKPOINTS / f"step-{step}"))
+            if step >= config.steps:
+                break
+    bar.close()
+    accelerator.wait_for_everyone()
+    name = config.name or f"{config.parent}+dpo"
+    lora_dir = config.out / "lora"
+    card = {
+        "task": TASK, "trainer": "train.diffusion_dpo", "parent": config.parent, "system": name,
+        "data": {"hash": hashlib.sha256("\n".join(sorted(map(str, pairs.vote_id))).encode()).hexdigest(),
+                 "votes": len(pairs), "train_pairs": len(rows), "filters": asdict(config.filters)},
+        "settings": {k: v for k, v in asdict(config).items() if k not in ("home", "out", "filters", "db")},
+        "processes": accelerator.num_processes, "resumed_from_step": resumed, "steps": step,
+        "metrics": {"first_loss": history[0]["loss"] if history else None,
+                    "last_loss": history[-1]["loss"] if history else None,
+                    "implicit_accuracy_last_10": (float(np.mean([h["implicit_accuracy"] for h in history[-10:]]))
+                                                  if history else None)},
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if accelerator.is_main_process:
+        StableDiffusionPipeline.save_lora_weights(
+            lora_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(bare)))
+        (config.out / RUN_CARD).write_text(json.dumps(card, indent=2, default=str))
+        settings = {**parent, "loras": [*parent.get("loras", []), {"path": str(lora_dir.resolve()), "name": "dpo"}]}
+        votes.register_system(TASK, name, engine="engines.generator:Generator", config=settings, source="trained",
+                              parent=config.parent, version=card["data"]["hash"][:12])
+    return card
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, train, print the run card."""
+    parser = argparse.ArgumentParser(prog="python -m train.diffusion_dpo", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=Path("data"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parent", required=True, help="the generation system to improve")
+    parser.add_argument("--name", default="", help="the trained system's name (default: PARENT+dpo)")
+    parser.add_argument("--db", help="SQLAlchemy URL (default: SQLite under the data home)")
+    defaults = DPOConfig(Path(), Path(), "")
+    for option in ("steps", "batch_size", "rank", "resolution", "checkpoint_every", "seed"):
+        parser.add_argument(f"--{option.replace('_', '-')}", type=int, default=getattr(defaults, option))
+    for option in ("lr", "beta"):
+        parser.add_argument(f"--{option}", type=float, default=getattr(defaults, option))
+    parser.add_argument("--test-share", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    try:
+        card = train(DPOConfig(args.home, args.out, args.parent, args.name, args.db, args.steps, args.batch_size,
+                               args.lr, args.beta, args.rank, args.resolution, args.checkpoint_every, args.seed,
+                               PairFilter(test_share=args.test_share)))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print(json.dumps(card, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
