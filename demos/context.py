@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.registry import Profile, Registry, resolve_profile
+from engines.registry import Profile, Registry, SystemSpec, resolve_profile
 from study.blobs import BlobStore
 from study.db import default_url, make_engine, upgrade
 from study.leaderboard import LeaderboardConfig
@@ -41,6 +41,15 @@ class AppContext:
     registry: Registry
     votes: VoteService
     secret: bytes
+
+    def servable(self, task: str) -> set[str]:
+        """The task's systems this app can serve now: the profile's, plus trained systems registered in the vote
+        store since start-up (picked up here, so a finished training run joins the next round without a restart).
+        Which of them actually meet is up to the store: disabled systems are never matched."""
+        for system in self.votes.systems(task):
+            if system.source == "trained" and system.engine:
+                self.registry.add(task, SystemSpec(system.name, system.engine, dict(system.config), system.weight))
+        return {spec.name for spec in self.registry.specs(task)}
 
     def participant(self, request: Any) -> int:
         """The pseudonymous participant behind a gradio request: keyed hash of address and page session."""

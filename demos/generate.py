@@ -73,7 +73,7 @@ def build(ctx: AppContext) -> None:
             raise gr.Error("Please type a prompt first.")
         try:
             matchup = votes.pick_matchup(TASK, same_system_rate=ctx.settings.same_system_rate,
-                                         among={spec.name for spec in registry.specs(TASK)})
+                                         among=ctx.servable(TASK))
         except VoteError as error:
             raise gr.Error(str(error)) from None
         results = []

@@ -46,8 +46,7 @@ def row(ranking: Ranking) -> list[tuple[Image.Image, str]]:
 def build(ctx: AppContext) -> None:
     """Lay out the tab and wire search and vote."""
     registry, votes = ctx.registry, ctx.votes
-    names = {spec.name for spec in registry.specs(TASK)}
-    if len(names) < 2:
+    if len(registry.specs(TASK)) < 2:
         return
 
     def rank(name: str, query: str, k: int) -> Ranking:
@@ -64,7 +63,7 @@ def build(ctx: AppContext) -> None:
         if k is None or not 1 <= int(k) <= MAX_K:
             raise gr.Error(f"Top-k must be from 1 to {MAX_K}.")
         try:
-            matchup = votes.pick_matchup(TASK, among=names)
+            matchup = votes.pick_matchup(TASK, among=ctx.servable(TASK))
         except VoteError as error:
             raise gr.Error(str(error)) from None
         rankings = []

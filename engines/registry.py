@@ -102,10 +102,19 @@ class Registry:
         self._engines: dict[tuple[str, str], Any] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._added: dict[str, tuple[SystemSpec, ...]] = {}
 
     def specs(self, task: str) -> tuple[SystemSpec, ...]:
-        """The profile's systems for a task; the pseudo-task SCORERS lists the scorers."""
-        return self.profile.scorers if task == SCORERS else self.profile.systems.get(task, ())
+        """The profile's systems for a task, then any added since; the pseudo-task SCORERS lists the scorers."""
+        if task == SCORERS:
+            return self.profile.scorers
+        return (*self.profile.systems.get(task, ()), *self._added.get(task, ()))
+
+    def add(self, task: str, spec: SystemSpec) -> None:
+        """Serve one more system (a trained one) from now on, without a restart; a known name is left as it is."""
+        with self._guard:
+            if all(known.name != spec.name for known in self.specs(task)):
+                self._added[task] = (*self._added.get(task, ()), spec)
 
     def spec(self, task: str, name: str) -> SystemSpec:
         """One system's spec, or a clear error."""
