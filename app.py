@@ -7,11 +7,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from demos import about, critique, generate, leaderboard, retrieval
+from demos import about, admin, critique, generate, leaderboard, retrieval
 from demos.context import AppContext, Settings, build_context
 from study.leaderboard import LeaderboardConfig
 
-TABS = (generate, retrieval, critique, leaderboard, about)
+TABS = (generate, retrieval, critique, leaderboard, about, admin)
 
 
 def banner(ctx: AppContext) -> str:
@@ -52,7 +52,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = parser.parse_args(argv)
     return Settings(profile=args.profile, db=args.db, home=args.home, host=args.host, port=args.port,
                     queue_max_size=args.queue_size, same_system_rate=args.same_system_rate,
-                    leaderboard=LeaderboardConfig(min_votes=args.min_votes))
+                    leaderboard=LeaderboardConfig(min_votes=args.min_votes),
+                    admin_token=os.environ.get("AESARENA_ADMIN_TOKEN") or None)
 
 
 if __name__ == "__main__":

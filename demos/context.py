@@ -29,6 +29,7 @@ class Settings:
     # Share of generation battles that pit a system against itself with two seeds (voter consistency).
     same_system_rate: float = 0.0
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+    admin_token: str | None = None  # AESARENA_ADMIN_TOKEN: who may switch systems; unset, nobody may
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""The Admin tab's API: only the admin token lists and switches systems; everyone else is refused."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+
+from app import build_app
+from demos.context import Settings
+from engines import registry
+from tests.conftest import _free_port
+
+TOKEN = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def admin_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "hub_reachable", lambda timeout=3.0: False)
+        demo = build_app(Settings(profile=None, home=home, admin_token=TOKEN))
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_port=_free_port(), quiet=True)
+    yield url
+    demo.close()
+
+
+def test_the_token_lists_and_switches_systems(admin_app: str) -> None:
+    client = Client(admin_app, verbose=False)
+    table = client.predict(TOKEN, "generation", api_name="/admin_systems")
+    rows = {row[0]: row for row in table["data"]}
+    assert rows["tiny-sd"][1] == "config" and rows["tiny-sd"][4] is True
+    table, note = client.predict(TOKEN, "generation", "tiny-sd", False, api_name="/admin_switch")
+    assert {row[0]: row[4] for row in table["data"]}["tiny-sd"] is False and "out of" in note
+    client.predict(TOKEN, "generation", "tiny-sd", True, api_name="/admin_switch")
+
+
+@pytest.mark.parametrize("token", ["", "wrong", TOKEN[:-1]])
+def test_anyone_else_is_refused_and_nothing_changes(admin_app: str, token: str) -> None:
+    client = Client(admin_app, verbose=False)
+    with pytest.raises(Exception, match="Wrong admin token"):
+        client.predict(token, "generation", "tiny-sd", False, api_name="/admin_switch")
+    rows = {row[0]: row for row in client.predict(TOKEN, "generation", api_name="/admin_systems")["data"]}
+    assert rows["tiny-sd"][4] is True
+
+
+def test_unknown_systems_are_explained(admin_app: str) -> None:
+    with pytest.raises(Exception, match="no system named 'nobody'"):
+        Client(admin_app, verbose=False).predict(TOKEN, "generation", "nobody", False, api_name="/admin_switch")
+
+
+def test_without_a_configured_token_administration_is_off(served_app: tuple[str, Path]) -> None:
+    with pytest.raises(Exception, match="Administration is switched off"):
+        Client(served_app[0], verbose=False).predict("anything", "generation", api_name="/admin_systems")
