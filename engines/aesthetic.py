@@ -4,6 +4,9 @@ Both read one open_clip embedder through `shared_embedder`, so a profile that na
 both loads that CLIP once (ViT-L/14 is about 1.7 GB in float32), although the registry builds each scorer apart.
 The released LAION head, `sac+logos+ava1-l14-linearMSE.pth` from christophschuhmann/improved-aesthetic-predictor,
 is mirrored on the Hub at `camenduru/improved-aesthetic-predictor` (the real profiles fetch it from there).
+
+Beside them, a no-weights baseline on low-level features (colourfulness, sharpness, exposure, contrast,
+saturation): the re-ranker the aesthetic retrieval paper argues against, and a scorer that works offline.
 """
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """Critics: image-text-to-text models (AesExpert and any transformers VLM) that chat about an image.
 
-Streaming runs generation in a worker thread and hands the reader every new token at once, decoded at most
-`STREAM_INTERVAL_S` apart; a cancelled or abandoned stream stops generating at the next token, and an error in
-the worker reaches the reader. The Q-Align score
-turns any critic into a 1–5 aesthetic scorer.
+Every model call runs on the critic's own model thread. Streaming hands the reader the new tokens as they
+come, decoded at most `STREAM_INTERVAL_S` apart; a cancelled or abandoned stream stops generating at the next
+token, and an error while generating reaches the reader. The Q-Align score turns any critic into a 1–5
+aesthetic scorer. Critics that differ only in decoding settings share one loaded model.
 """
 from __future__ import annotations
 
 import math
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
