@@ -49,9 +49,12 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--min-votes", type=int, default=0, help="hide systems with fewer votes from the board")
     parser.add_argument("--same-system-rate", type=float, default=0.0,
                         help="share of generation battles of one system against itself with two seeds")
+    parser.add_argument("--parent-rate", type=float, default=0.0,
+                        help="share of battles that pit a trained system against its parent")
     args = parser.parse_args(argv)
     return Settings(profile=args.profile, db=args.db, home=args.home, host=args.host, port=args.port,
                     queue_max_size=args.queue_size, same_system_rate=args.same_system_rate,
+                    parent_rate=args.parent_rate,
                     leaderboard=LeaderboardConfig(min_votes=args.min_votes),
                     admin_token=os.environ.get("AESARENA_ADMIN_TOKEN") or None)
 

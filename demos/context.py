@@ -28,6 +28,8 @@ class Settings:
     queue_max_size: int = 64
     # Share of generation battles that pit a system against itself with two seeds (voter consistency).
     same_system_rate: float = 0.0
+    # Share of battles in every tab that pit a trained system against its parent.
+    parent_rate: float = 0.0
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
     admin_token: str | None = None  # AESARENA_ADMIN_TOKEN: who may switch systems; unset, nobody may
 

@@ -104,7 +104,7 @@ def build(ctx: AppContext) -> None:
         if not (question or "").strip():
             raise gr.Error("Please ask a question about the image.")
         try:
-            matchup = votes.pick_matchup(TASK, among=ctx.servable(TASK))
+            matchup = votes.pick_matchup(TASK, among=ctx.servable(TASK), parent_rate=ctx.settings.parent_rate)
         except VoteError as error:
             raise gr.Error(str(error)) from None
         answers = ["", ""]

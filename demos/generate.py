@@ -73,7 +73,7 @@ def build(ctx: AppContext) -> None:
             raise gr.Error("Please type a prompt first.")
         try:
             matchup = votes.pick_matchup(TASK, same_system_rate=ctx.settings.same_system_rate,
-                                         among=ctx.servable(TASK))
+                                         among=ctx.servable(TASK), parent_rate=ctx.settings.parent_rate)
         except VoteError as error:
             raise gr.Error(str(error)) from None
         results = []

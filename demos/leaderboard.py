@@ -13,7 +13,7 @@ from study.tasks import TASK_ASPECTS, TASKS
 
 OVERALL = "overall"
 PEOPLE, JUDGES = "people", "model judges"  # model judges' votes never mix into the people's board
-COLUMNS = ["Rank", "System", "Rating", "95% CI", "Votes", "Status"]
+COLUMNS = ["Rank", "System", "Rating", "95% CI", "Votes", "Status", "Trained from"]
 
 
 def aspect_choices(task: str) -> list[str]:
@@ -21,11 +21,12 @@ def aspect_choices(task: str) -> list[str]:
     return [OVERALL, *TASK_ASPECTS[task]]
 
 
-def standings_table(standings: list[Standing]) -> pd.DataFrame:
-    """The board as people read it: rounded ratings and the interval as +/− offsets."""
+def standings_table(standings: list[Standing], parents: dict[str, str | None]) -> pd.DataFrame:
+    """The board as people read it: rounded ratings, the interval as +/− offsets, and a trained system's parent
+    beside it, so a run's gain reads off the board."""
     return pd.DataFrame(
         [(s.rank, s.system, round(s.rating), f"+{s.ci_high - s.rating:.0f} / −{s.rating - s.ci_low:.0f}", s.votes,
-          "preliminary" if s.preliminary else "") for s in standings],
+          "preliminary" if s.preliminary else "", parents.get(s.system) or "") for s in standings],
         columns=COLUMNS)
 
 
@@ -50,7 +51,8 @@ def build(ctx: AppContext) -> None:
             note += f" Systems with fewer than {config.min_votes} votes are not shown yet."
         if not total:
             note = "No votes yet for this task and aspect."
-        return standings_table(standings), ratings_figure(standings, f"{task} · {aspect}"), note
+        parents = {system.name: system.parent for system in ctx.votes.systems(task, enabled_only=False)}
+        return standings_table(standings, parents), ratings_figure(standings, f"{task} · {aspect}"), note
 
     def aspects_for(task: str) -> gr.Dropdown:
         return gr.Dropdown(choices=aspect_choices(task), value=OVERALL)

@@ -63,7 +63,7 @@ def build(ctx: AppContext) -> None:
         if k is None or not 1 <= int(k) <= MAX_K:
             raise gr.Error(f"Top-k must be from 1 to {MAX_K}.")
         try:
-            matchup = votes.pick_matchup(TASK, among=ctx.servable(TASK))
+            matchup = votes.pick_matchup(TASK, among=ctx.servable(TASK), parent_rate=ctx.settings.parent_rate)
         except VoteError as error:
             raise gr.Error(str(error)) from None
         rankings = []

@@ -200,13 +200,21 @@ class VoteService:
     # comparisons
 
     def pick_matchup(self, task: str, weights: Mapping[str, float] | None = None, same_system_rate: float = 0.0,
-                     among: Collection[str] | None = None) -> Matchup:
+                     among: Collection[str] | None = None, parent_rate: float = 0.0) -> Matchup:
         """Two enabled systems (of `among`, if given) drawn ∝ w_a·w_b, sides randomized."""
         # With probability `same_system_rate` one system meets itself (two seeds): a voter-consistency check.
+        # With probability `parent_rate` a system with an enabled parent meets that parent: did training help?
         candidates = [c for c in self.systems(task) if among is None or c.name in among]
         weight = {c.name: (weights or {}).get(c.name, c.weight) for c in candidates}
-        if not 0.0 <= same_system_rate <= 1.0:
-            raise ValueError(f"same_system_rate must be within [0, 1], got {same_system_rate}")
+        for name, rate in (("same_system_rate", same_system_rate), ("parent_rate", parent_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {rate}")
+        if parent_rate and self.rng.random() < parent_rate:
+            children = [c for c in candidates if c.parent in weight and weight[c.name] * weight[c.parent] > 0]
+            if children:
+                child = self.rng.choices(children, weights=[weight[c.name] for c in children])[0]
+                first, second = (child.name, child.parent) if self.rng.random() < 0.5 else (child.parent, child.name)
+                return Matchup(task, first, second)
         if same_system_rate and self.rng.random() < same_system_rate:
             names = [name for name, w in weight.items() if w > 0]
             if names:

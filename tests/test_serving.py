@@ -27,6 +27,8 @@ def test_a_trained_system_is_served_next_round_and_can_be_switched_off(served_ap
     client.predict("a lighthouse at dawn", api_name="/generate")
     reveal, _ = client.predict("a", None, None, None, None, "", api_name="/vote")
     assert TRAINED in reveal and "tiny-sd" in reveal.replace(TRAINED, "")
+    table, _, _ = client.predict("generation", "overall", api_name="/leaderboard")
+    assert {row[1]: row[6] for row in table["data"]}[TRAINED] == "tiny-sd", "the board shows what it was trained from"
     votes.set_enabled("generation", TRAINED, False)
     with pytest.raises(Exception, match="at least two enabled systems"):
         client.predict("a lighthouse at dawn", api_name="/generate")

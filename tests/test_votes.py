@@ -229,3 +229,20 @@ def test_confidence_is_stored_once_and_checked(service: VoteService) -> None:
     with pytest.raises(ConflictingVote):
         service.record_vote(token, "a", {"aesthetic": "b"}, confidence=2)
     assert service.list_votes("retrieval")[0].confidence == 4
+
+
+def test_parent_rate_pits_a_trained_system_against_its_parent(service: VoteService) -> None:
+    for name in ("base", "other"):
+        service.register_system("generation", name)
+    service.register_system("generation", "base+dpo", source="trained", parent="base")
+    seen = Counter(frozenset((m.system_a, m.system_b)) for m in
+                   (service.pick_matchup("generation", parent_rate=1.0) for _ in range(40)))
+    assert set(seen) == {frozenset(("base", "base+dpo"))}
+    sides = Counter(service.pick_matchup("generation", parent_rate=1.0).system_a for _ in range(40))
+    assert set(sides) == {"base", "base+dpo"}, "sides stay random"
+    service.set_enabled("generation", "base", False)  # no parent to meet: ordinary matchups
+    assert {frozenset((m.system_a, m.system_b)) for m in
+            (service.pick_matchup("generation", parent_rate=1.0) for _ in range(10))} == {
+        frozenset(("other", "base+dpo"))}
+    with pytest.raises(ValueError, match="parent_rate"):
+        service.pick_matchup("generation", parent_rate=1.5)
