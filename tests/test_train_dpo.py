@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +83,26 @@ def test_dpo_moves_the_generator_toward_the_preferred_images(home: Path, tmp_pat
         direction = (encode(pairs.chosen).mean(0) - encode(pairs.rejected).mean(0)).flatten()
         for seed in range(6):  # the same seeds for parent and child
             assert _latents(child, seed).flatten() @ direction > _latents(parent, seed).flatten() @ direction
+
+
+def test_a_run_resumes_from_its_last_checkpoint(home: Path, tmp_path: Path) -> None:
+    settings = dict(parent="tiny-sd", name="tiny-sd+resumed", batch_size=4, rank=4, checkpoint_every=2,
+                    filters=PairFilter(test_share=0.0))
+    first = train(DPOConfig(home, tmp_path / "run", steps=4, **settings))
+    second = train(DPOConfig(home, tmp_path / "run", steps=6, **settings))
+    assert (first["resumed_from_step"], second["resumed_from_step"], second["steps"]) == (None, 4, 6)
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_two_cpu_processes_train_with_ddp(home: Path, tmp_path: Path) -> None:
+    accelerate = Path(sys.executable).with_name("accelerate")
+    run = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.diffusion_dpo",
+                          "--home", str(home), "--out", str(tmp_path / "ddp"), "--parent", "tiny-sd",
+                          "--name", "tiny-sd+ddp", "--steps", "4", "--batch-size", "4", "--rank", "4",
+                          "--test-share", "0"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = json.loads((tmp_path / "ddp" / "run_card.json").read_text())
+    assert card["processes"] == 2 and card["steps"] == 4
+    systems = VoteService(make_engine(default_url(home)), BlobStore(home / "blobs")).systems("generation")
+    assert [s.name for s in systems].count("tiny-sd+ddp") == 1, "only the main process registers the system"
