@@ -190,7 +190,18 @@ FEATURES = ("colorfulness", "sharpness", "exposure", "contrast", "saturation")
 
 
 def low_level_features(image: Image.Image) -> dict[str, float]:
-    """Colourfulness, sharpness, exposure, contrast and saturation of an image, each in [0, 1]."""
+    """Colourfulness, sharpness, exposure, contrast and saturation of an image, each in [0, 1] on a fixed scale.
+
+    Measured on an RGB copy shrunk to at most LOW_LEVEL_SIDE pixels on its longer side (never enlarged), with
+    grey = 0.299 R + 0.587 G + 0.114 B in 0–255 and luminance = grey / 255:
+
+    - colorfulness: Hasler & Süsstrunk (2003), sqrt(σ_rg² + σ_yb²) + 0.3 · sqrt(μ_rg² + μ_yb²) with rg = R − G and
+      yb = (R + G) / 2 − B, divided by COLORFULNESS_SCALE and clipped at 1;
+    - sharpness: 1 − exp(−v / SHARPNESS_SCALE), v the variance of the 4-neighbour Laplacian of grey;
+    - exposure: 1 − 2 · |mean(luminance) − 0.5|, 1 at mid-grey and 0 all black or all white;
+    - contrast: RMS contrast std(luminance), doubled (0.5 is its largest value) and clipped at 1;
+    - saturation: mean HSV saturation (PIL's), over 255.
+    """
     small = image.convert("RGB")
     small.thumbnail((LOW_LEVEL_SIDE, LOW_LEVEL_SIDE))
     rgb = np.asarray(small, dtype=np.float64)
@@ -221,12 +232,20 @@ class LowLevelSettings:
     def from_settings(cls, settings: Mapping[str, Any]) -> LowLevelSettings:
         """Validated settings; unknown keys (and unknown features) are refused by name."""
         refuse_unknown(settings, cls, "low-level", AestheticError)
-        weights = dict(settings.get("weights") or cls().weights)
+        weights, name = settings.get("weights"), settings.get("name", cls.name)
+        if weights is None:
+            weights = cls().weights
+        if not isinstance(weights, Mapping) or not weights:
+            raise AestheticError(f"weights must be a mapping of feature to weight ({', '.join(FEATURES)}); "
+                                 f"got {weights!r}")
+        weights = dict(weights)
         refuse_unknown(weights, FEATURES, "low-level feature", AestheticError)
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights.values()) or not sum(
-                weights.values()) > 0:
-            raise AestheticError(f"feature weights must be non-negative numbers, not all zero; got {weights}")
-        return cls(weights, settings.get("name", cls.name))
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")
+               for w in weights.values()) or not sum(weights.values()) > 0:
+            raise AestheticError(f"feature weights must be finite non-negative numbers, not all zero; got {weights}")
+        if not isinstance(name, str) or not name.strip():
+            raise AestheticError(f"name must be a non-empty string, got {name!r}")
+        return cls(weights, name)
 
 
 class LowLevelAesthetic:

@@ -40,7 +40,11 @@ PROMPTS = {
 VARIANTS = tuple(PROMPTS)
 K_LIST = 5
 CACHE_SIZE = 1024
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LEAD = re.compile(r"^\s*(?:[-*•]|\d+[.)]|(?:query|answer|description|sentence|list)\s*:)\s*", re.IGNORECASE)
+# In a dict that is not JSON: a key with its colon, and a quote that opens or closes a value (not an apostrophe).
+_DICT_KEY = re.compile(r"""(["']?)\b\w[\w ]*\1\s*:""")
+_DICT_QUOTE = re.compile(r"""(?<!\w)'|'(?!\w)|["{}\[\]]""")
 
 
 class RephraseError(ValueError):
@@ -105,12 +109,11 @@ def _flatten(value: Any) -> list[str]:
 
 def clean(raw: str, variant: str) -> str:
     """The searchable text in a model's raw answer: one line, no quotes or list marks, a keyword dict flattened."""
-    if variant == "keyword-dict":
-        found = re.search(r"\{.*\}", raw, re.DOTALL)
+    if variant == "keyword-dict" and (found := re.search(r"\{.*\}", raw, re.DOTALL)):
         try:
-            raw = ", ".join(_flatten(json.loads(found.group(0)))) if found else raw
-        except json.JSONDecodeError:  # not valid JSON: keep the words, drop the syntax
-            raw = re.sub(r'"?\b\w+"?\s*:', " ", raw).translate(str.maketrans("{}[]\"", "     "))
+            raw = ", ".join(_flatten(json.loads(found.group(0))))
+        except json.JSONDecodeError:  # not JSON (single quotes, bare words): keep the values, drop the syntax
+            raw = " ".join(_DICT_QUOTE.sub(" ", _DICT_KEY.sub(" ", found.group(0))).split())
     lines = [line for line in raw.splitlines() if line.strip()]
     if variant == "k-list" and len(lines) > 1:  # a list despite the instruction: one item per line
         text = ", ".join(_LEAD.sub("", line).strip() for line in lines)
@@ -124,12 +127,13 @@ class Rephraser:
 
     def __init__(self, settings: Mapping[str, Any], *, device: str, dtype: str, home: Path) -> None:
         self.settings = s = RephraserSettings.from_settings(settings)
+        if dtype not in DTYPES:
+            raise RephraseError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         source = write_tiny_causal_lm(Path(home) / "tiny") if s.model == "tiny" else s.model
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise RephraseError(f"{s.model} has no chat template, so its prompts cannot be built")
-        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtypes[dtype]).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).to(device).eval()
         self.pad_token_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                              else self.tokenizer.eos_token_id)
         self._cache: OrderedDict[tuple[str, str], Rephrasing] = OrderedDict()
@@ -148,7 +152,8 @@ class Rephraser:
         """The query rewritten by `variant` (default: the settings'), or the query itself with a note why not."""
         if not isinstance(query, str) or not query.strip():
             raise RephraseError("the query is empty; please type some words")
-        query, variant = " ".join(query.split()), _check_variant(variant or self.settings.variant)
+        query = " ".join(query.split())
+        variant = _check_variant(self.settings.variant if variant is None else variant)
         with self._lock:
             if (found := self._cache.get((query, variant))) is not None:
                 self._cache.move_to_end((query, variant))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -270,12 +270,12 @@ _TINY_WORDS = ("the a an of and is to in image this how would you rate aesthetic
                "photo color light composition describe what why it colors sharp blurry USER ASSISTANT").split()
 
 
-def write_tiny_llama_tokenizer(folder: Path) -> Any:
+def write_tiny_llama_tokenizer(folder: Path, words: Sequence[str] = _TINY_WORDS) -> Any:
     """A word-level fast tokenizer with Llama's special tokens (<unk>, <s>, </s>), saved with save_pretrained."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(("<unk>", "<s>", "</s>", *_TINY_WORDS, *".,:?!\n"))}
+    vocab = {token: i for i, token in enumerate(("<unk>", "<s>", "</s>", *dict.fromkeys(words), *".,:?!\n"))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     # Llama's tokenizer starts every text with <s>, and LLaVA's prompts rely on it.
@@ -363,6 +363,14 @@ _TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' + message['content'] + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# The words of the rephrasing prompts (engines/rephrase.py) and common query words, so that the variants' prompts
+# reach the tiny model as mostly different tokens rather than runs of <unk>.
+_TINY_REPHRASE_WORDS = (*_TINY_WORDS, *"""SYSTEM You Rewrite Keep Reply List Describe Query 5 rewrite image search
+    query queries so they as one detailed sentence that keeps its subject adds aesthetic qualities excellent photo
+    would have composition lighting colour mood with only list visual make picture for beautiful on at line
+    separated by commas ideal JSON object keys style each holding few keywords fluent well organized description
+    wanted first then setting looks like cat dog sofa car red blue green sunset over mountains city night sky soft
+    warm film portrait landscape""".split())
 
 
 def write_tiny_causal_lm(root: Path, *, seed: int = 0) -> Path:
@@ -371,13 +379,16 @@ def write_tiny_causal_lm(root: Path, *, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def write(staging: Path) -> None:
-        tokenizer = write_tiny_llama_tokenizer(staging)
+        tokenizer = write_tiny_llama_tokenizer(staging, _TINY_REPHRASE_WORDS)
         tokenizer.chat_template = _TINY_CHAT_TEMPLATE
-        tokenizer.save_pretrained(staging)
-        torch.manual_seed(seed)
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                                     pad_token_id=0)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)  # again, now with its chat template
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        # fork_rng leaves the caller's RNG alone; the seed makes the checkpoint the same on every machine.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(staging)
 
     return _write_once(Path(root) / "causal-lm", write)

@@ -1,11 +1,15 @@
 """Query rephrasing on the tiny causal LM: the prompt variants, answer clean-up, the cache and the fallback."""
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from engines.rephrase import VARIANTS, Rephraser, RephraseError, clean, messages
+from engines.tiny import write_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +21,14 @@ def test_every_variant_asks_its_own_question_about_the_query() -> None:
     prompts = [messages("a red car", variant)[-1]["content"] for variant in VARIANTS]
     assert len(set(prompts)) == len(VARIANTS) and all("Query: a red car" in p for p in prompts)
     assert "5 visual qualities" in prompts[VARIANTS.index("k-list")]
+
+
+def test_the_tiny_model_knows_the_prompts_words(rephraser: Rephraser) -> None:
+    # Else every prompt would reach the tiny model as the same run of <unk> and the variants would not differ.
+    for variant in VARIANTS:
+        ids = rephraser.tokenizer.apply_chat_template(messages("a red car", variant), add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        assert ids.count(rephraser.tokenizer.unk_token_id) <= 2, variant  # "-" of well-organized, at most
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -34,6 +46,10 @@ def test_each_variant_rewrites_through_the_model(rephraser: Rephraser, variant: 
     ('Here: {"subject": "cat", "lighting": ["soft", "warm"], "style": "film"}', "keyword-dict",
      "cat, soft, warm, film"),
     ('{"subject": "cat", "lighting": soft}', "keyword-dict", "cat, soft"),
+    ("{'subject': 'cat',\n 'style': ['bird's-eye view']}\nHope this helps!", "keyword-dict", "cat, bird's-eye view"),
+    ("subject cat, soft light", "keyword-dict", "subject cat, soft light"),
+    ("“A  sleeping cat on a velvet sofa,\tin warm window light”\n\nNote: a guess", "reorganize",
+     "A sleeping cat on a velvet sofa, in warm window light"),
     ("   \n  ", "reorganize", ""),
 ])
 def test_clean_keeps_only_the_searchable_text(raw: str, variant: str, text: str) -> None:
@@ -78,5 +94,24 @@ def test_bad_requests_and_settings_are_refused(rephraser: Rephraser, tmp_path: P
         rephraser.rephrase("   ")
     with pytest.raises(RephraseError, match="use one of detail, k-list, keyword-dict, reorganize"):
         rephraser.rephrase("a cat", "poem")
+    with pytest.raises(RephraseError, match="unknown rephrasing variant ''"):
+        rephraser.rephrase("a cat", "")
     with pytest.raises(RephraseError, match="unknown rephraser settings: temperature"):
         Rephraser({"model": "tiny", "temperature": 0.7}, device="cpu", dtype="float32", home=tmp_path)
+    with pytest.raises(RephraseError, match="unknown rephrasing variant 'poem'"):
+        Rephraser({"model": "tiny", "variant": "poem"}, device="cpu", dtype="float32", home=tmp_path)
+    with pytest.raises(RephraseError, match="max_new_tokens"):
+        Rephraser({"model": "tiny", "max_new_tokens": 0}, device="cpu", dtype="float32", home=tmp_path)
+    with pytest.raises(RephraseError, match="dtype must be one of"):
+        Rephraser({"model": "tiny"}, device="cpu", dtype="int8", home=tmp_path)
+
+
+def test_a_model_without_a_chat_template_is_refused(tmp_path: Path) -> None:
+    # A base (not instruct) model: the tiny one's files without the template save_pretrained wrote.
+    model = shutil.copytree(write_tiny_causal_lm(tmp_path / "tiny"), tmp_path / "base")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(RephraseError, match="no chat template"):
+        Rephraser({"model": str(model)}, device="cpu", dtype="float32", home=tmp_path)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from engines.generator import Generator
 from study.blobs import BlobStore, Output
+from tests.conftest import _free_port
 from study.db import default_url, make_engine, upgrade
 from study.votes import Matchup, VoteService
 from train.data import PairFilter, decided, load_pairs
@@ -97,6 +98,7 @@ def test_a_run_resumes_from_its_last_checkpoint(home: Path, tmp_path: Path) -> N
 def test_two_cpu_processes_train_with_ddp(home: Path, tmp_path: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     run = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--main_process_port", str(_free_port()),
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.diffusion_dpo",
                           "--home", str(home), "--out", str(tmp_path / "ddp"), "--parent", "tiny-sd",
                           "--name", "tiny-sd+ddp", "--steps", "4", "--batch-size", "4", "--rank", "4",

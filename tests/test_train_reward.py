@@ -13,6 +13,7 @@ from PIL import Image
 
 from engines.reward import load_vpscore
 from study.blobs import BlobStore, Output
+from tests.conftest import _free_port
 from study.db import default_url, make_engine, upgrade
 from study.votes import Matchup, VoteService
 from train.data import PairFilter
@@ -74,6 +75,7 @@ def test_a_run_resumes_from_its_last_checkpoint(home: Path, tmp_path: Path) -> N
 def test_two_cpu_processes_train_with_ddp(home: Path, tmp_path: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     run = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--main_process_port", str(_free_port()),
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.reward",
                           "--home", str(home), "--out", str(tmp_path / "ddp"), "--steps", "60", "--batch-size", "8",
                           "--lr", "3e-4", "--test-share", "0.25"], capture_output=True, text=True, timeout=600)
