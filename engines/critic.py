@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, StoppingCriteria, StoppingCriteriaList
@@ -88,6 +89,8 @@ class CriticSettings:
     # The model's own tensors that a training run changed (train.critic: layer norms and the image projection),
     # safetensors by state-dict name; each must exist in the model with the same shape.
     weights: str | None = None
+    # A peft LoRA folder (adapter_config.json and its weights) that train.critic wrote, merged in at load.
+    lora: str | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -211,6 +214,14 @@ def load_trained_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(weights, strict=False)  # only the trained tensors are in the file
 
 
+def merge_lora(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """The model with a training run's LoRA merged into its weights: served as a plain model, at full speed."""
+    try:
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
+    except Exception as error:  # a missing folder, a damaged file, or targets this model lacks: peft's own errors
+        raise CriticError(f"cannot load the LoRA {path}: {error}") from None
+
+
 def _load(s: CriticSettings, device: str, dtype: str, home: Path) -> _LoadedModel:
     aspect_ratio = "square"
     if s.format == "llava-original":
@@ -229,6 +240,8 @@ def _load(s: CriticSettings, device: str, dtype: str, home: Path) -> _LoadedMode
         raise CriticError(f"{s.model} has no chat template in its processor, so its prompts cannot be built")
     if s.weights:
         load_trained_weights(model, _resolve(s.weights, home))
+    if s.lora:
+        model = merge_lora(model, home / Path(s.lora).expanduser())
     model.to(device=device, dtype=DTYPES[dtype]).eval()
     adapters = None
     if s.adapters:
