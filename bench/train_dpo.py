@@ -2,18 +2,22 @@
 
 It also times, on a GPU by default, the step configuration of diffusers' Diffusion-DPO research example.
 
-The trainer's step is what `train.diffusion_dpo` spends per step once set up (data loader, VAE encode of winners
-and losers, text encoder, one noise draw and timestep per pair, the LoRA UNet on both, the reference forward with
-the adapters off, accelerate's backward, AdamW, progress): the time of a `long` run minus a `short` run over their
-difference in steps, so loading, checkpointing and saving cancel out.
+The trainer's step is what `train.diffusion_dpo` spends per step once set up (data loader, latents sampled from
+the kept VAE moments, one noise draw and timestep per pair, the LoRA UNet on both, the reference forward with the
+adapters off, accelerate's backward, AdamW, progress): the time of a `long` run minus a `short` run over their
+difference in steps, so loading, checkpointing and saving cancel out. The store holds one batch of pairs by
+default, so the short run's first step encodes them all and the difference is the steady state.
 
 The other steps run outside the trainer on a batch made beforehand (B pairs = 2B images a forward), in the
 trainer's precision (float32, or what ACCELERATE_MIXED_PRECISION gives its accelerator: autocast over float32
 weights):
 - bare_policy: forward + backward + AdamW of the LoRA UNet on 2B noisy latents: the issue's "bare" step.
 - bare_dpo: bare_policy plus the reference forward on the same 2B: the least any Diffusion-DPO step does.
-- trainer_work: the trainer's own objective, `train.dpo_objective.dpo_step_loss` (VAE encode and text encoder
-  from pixels and token ids, noise, policy and reference), + backward + AdamW, without its loop.
+- trainer_work: the trainer's own objective, `train.dpo_objective` (`EncodedPairs` with the batch already
+  encoded, then `dpo_step_loss`: noise, policy and reference), + backward + AdamW, without its loop.
+- trainer_first_draw: trainer_work when the batch's pairs are drawn for the first time, so the VAE encodes
+  winners and losers and the text encoder reads the prompts: every step of the research example, and the
+  trainer's first epoch.
 With --example (default on a GPU), the trainer's work under other precisions, and the configuration of diffusers'
 examples/research_projects/diffusion_dpo/train_diffusion_dpo.py as its README runs SD 1.5: fp16 mixed precision
 (frozen weights cast to fp16, LoRA in fp32, autocast, loss scaling), gradient checkpointing, rank 8, batch 16 with
@@ -69,7 +73,7 @@ from study.db import default_url, make_engine, upgrade  # noqa: E402
 from study.votes import Matchup, VoteService  # noqa: E402
 from train.data import PairFilter  # noqa: E402
 from train.diffusion_dpo import LORA_TARGETS, DPOConfig, train  # noqa: E402
-from train.dpo_objective import Frozen, dpo_loss, dpo_step_loss  # noqa: E402
+from train.dpo_objective import EncodedPairs, Frozen, dpo_loss, dpo_step_loss  # noqa: E402
 from train.runs import CHECKPOINTS  # noqa: E402
 
 TARGET = 0.85  # the trainer keeps at least 85% of the bare step's throughput
@@ -94,7 +98,7 @@ class BenchConfig:
     """Model size, data, batch, step counts and which configurations to time."""
 
     size: str = ""  # "" picks sd15 on a GPU, mid on a CPU
-    pairs: int = 32
+    pairs: int = 0  # decided votes in the store; 0: one batch
     batch: int = 4
     rank: int = 8
     short: int = 1
@@ -112,7 +116,8 @@ class StepConfig:
     precision: str = "fp32"  # fp32 | tf32 (float32 matmuls on tensor cores) | fp16 | bf16 (autocast)
     cast_weights: bool = False  # cast the frozen weights to the half type, as the example does; else autocast alone
     reference: bool = True  # the reference forward and the DPO loss; False: the policy's MSE alone
-    encode: str = "none"  # none: latents made beforehand | trainer: dpo_step_loss | example: the example's encode
+    encode: str = "none"  # none: latents made beforehand | trainer: EncodedPairs + dpo_step_loss | first_draw: the
+    # same with every pair encoded anew | example: the example's encode
     checkpointing: bool = False
     batch: int = 4  # pairs a forward
     accumulation: int = 1  # forwards an optimizer step
@@ -123,7 +128,8 @@ def variants(bench: BenchConfig) -> dict[str, StepConfig]:
     """The configurations to time: the bare ones always, other precisions and the example's with --example."""
     bare = StepConfig(TRAINER_PRECISION, batch=bench.batch)
     work = replace(bare, encode="trainer")
-    steps = {"bare_policy": replace(bare, reference=False), "bare_dpo": bare, "trainer_work": work}
+    steps = {"bare_policy": replace(bare, reference=False), "bare_dpo": bare, "trainer_work": work,
+             "trainer_first_draw": replace(work, encode="first_draw")}
     if bench.example:
         example = StepConfig("fp16", cast_weights=True, encode="example", checkpointing=True, batch=16,
                              accumulation=2, clip_norm=1.0)
@@ -228,7 +234,7 @@ class _Step:
         half = HALF.get(step.precision)
         dtype = half if step.cast_weights and half else torch.float32
         self.autocast = torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext()
-        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        self.scheduler = scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device, dtype)
         self.unet.requires_grad_(False)
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
@@ -249,11 +255,12 @@ class _Step:
             return
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, dtype).requires_grad_(False)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device, dtype)
-        self.frozen = Frozen(vae, text_encoder.requires_grad_(False), scheduler)
+        self.frozen = Frozen(vae, text_encoder.requires_grad_(False))
         side = config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         # As the trainer's loader gives them: token ids and winner and loser pixels in [-1, 1], on the CPU.
         self.ids = torch.randint(0, text_encoder.config.vocab_size, (pairs, 77))
         self.winners, self.losers = (torch.rand(pairs, 3, side, side) * 2 - 1 for _ in range(2))
+        self.encoded = EncodedPairs(self.frozen, lambda i: (self.ids[i], self.winners[i], self.losers[i]))
 
     def _example_loss(self) -> torch.Tensor:
         """The example's step: pixels cast to the weights' dtype, VAE in chunks, autocast around the UNet alone."""
@@ -264,10 +271,10 @@ class _Step:
                                  for chunk in pixels.split(EXAMPLE_VAE_BATCH)]) * frozen.vae.config.scaling_factor
             text = frozen.text_encoder(self.ids.to(device))[0].repeat(2, 1, 1)
         noise = torch.randn_like(latents.chunk(2)[0]).repeat(2, 1, 1, 1)
-        timesteps = torch.randint(0, frozen.noise_scheduler.config.num_train_timesteps, (self.step.batch,),
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.step.batch,),
                                   device=device).repeat(2)
         with self.autocast:
-            return self._unet_loss(frozen.noise_scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+            return self._unet_loss(self.scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
 
     def _unet_loss(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
                    target: torch.Tensor) -> torch.Tensor:
@@ -283,9 +290,12 @@ class _Step:
     def _loss(self) -> torch.Tensor:
         if self.step.encode == "example":
             return self._example_loss()
+        if self.step.encode == "first_draw":
+            self.encoded = EncodedPairs(self.frozen, self.encoded.load)
         with self.autocast:  # as the trainer's `accelerator.autocast()`: around everything
-            if self.step.encode == "trainer":
-                return dpo_step_loss(self.unet, self.unet, self.frozen, self.ids, self.winners, self.losers, BETA)[0]
+            if self.step.encode in ("trainer", "first_draw"):
+                latents, text = self.encoded(range(self.step.batch), self.device)
+                return dpo_step_loss(self.unet, self.unet, self.scheduler, latents, text, BETA)[0]
             return self._unet_loss(self.noisy, self.timesteps, self.text, self.target)
 
     def run(self) -> float:
@@ -326,7 +336,8 @@ def _summary(step_s: float, pairs: int, peak: float | None) -> dict[str, Any]:
 def run(bench: BenchConfig, workdir: Path | None = None) -> dict[str, Any]:
     """Alternate trainer runs and the outside steps `repeats` times; medians, throughputs and the trainer's shares."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bench = replace(bench, size=bench.size or ("sd15" if device.type == "cuda" else "mid"))
+    bench = replace(bench, size=bench.size or ("sd15" if device.type == "cuda" else "mid"),
+                    pairs=bench.pairs or bench.batch)
     steps = variants(bench)
     # Taken first: its load average is the one before this run adds its own.
     where = machine(torch=torch.__version__, diffusers=diffusers.__version__, torch_threads=torch.get_num_threads(),
@@ -352,6 +363,8 @@ def run(bench: BenchConfig, workdir: Path | None = None) -> dict[str, Any]:
                       "runs_s": [round(r["s"], 4) for r in runs[name]]} for name, step in steps.items()}
     shares = {f"vs_{name}": round(median[name] / trainer_step, 4)
               for name in ("bare_policy", "bare_dpo", "trainer_work")}
+    first_draw = {f"vs_{name}": round(median[name] / median["trainer_first_draw"], 4)
+                  for name in ("bare_policy", "bare_dpo")}
     last = runs["long"][-1]
     return {
         "bench": "Diffusion-DPO training step", "config": asdict(bench), "device": str(device),
@@ -363,7 +376,7 @@ def run(bench: BenchConfig, workdir: Path | None = None) -> dict[str, Any]:
                     "card_median_step_s": [r["card_median_step_s"] for r in runs["long"]],
                     **{key: last[key] for key in ("mixed_precision", "checkpoint_mib", "gpu_left_allocated_gib")}},
         "outside_trainer": outside,
-        "trainer_share": shares, "target": TARGET,
+        "trainer_share": shares, "first_draw_share": first_draw, "target": TARGET,
         "target_met": {key: share >= TARGET for key, share in shares.items()},
         "load_average_at_end": os.getloadavg(),
     }

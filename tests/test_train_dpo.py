@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from engines.generator import Generator
+from engines.tiny import write_tiny_pipeline
 from study.blobs import BlobStore, Output
 from tests.conftest import _free_port
 from study.db import default_url, make_engine, upgrade
 from study.votes import Matchup, VoteService
 from train.data import PairFilter, decided, load_pairs
-from train.diffusion_dpo import DPOConfig, image_tensor, train
+from train.diffusion_dpo import CHECKPOINT_LORA, DPOConfig, image_tensor, train
 from train.dpo_objective import dpo_loss
 
 PARENT = {"model": "tiny", "steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64}
@@ -87,13 +89,48 @@ def test_dpo_moves_the_generator_toward_the_preferred_images(home: Path, tmp_pat
             assert _latents(child, seed).flatten() @ direction > _latents(parent, seed).flatten() @ direction
 
 
+def _lora(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "lora" / "pytorch_lora_weights.safetensors")
+
+
 def test_a_run_resumes_from_its_last_checkpoint(home: Path, tmp_path: Path) -> None:
     settings = dict(parent="tiny-sd", name="tiny-sd+resumed", batch_size=4, rank=4, checkpoint_every=2,
                     filters=PairFilter(test_share=0.0))
     first = train(DPOConfig(home, tmp_path / "run", steps=4, **settings))
+    trained = _lora(tmp_path / "run")
+    # Asked for the steps it already has, a resumed run trains nothing and must save the checkpoint's LoRA.
+    again = train(DPOConfig(home, tmp_path / "run", steps=4, **settings))
+    assert again["resumed_from_step"] == 4 and again["metrics"]["first_loss"] is None
+    restored = _lora(tmp_path / "run")
+    assert trained.keys() == restored.keys() and all(torch.equal(trained[k], restored[k]) for k in trained)
     second = train(DPOConfig(home, tmp_path / "run", steps=6, **settings))
     assert (first["resumed_from_step"], second["resumed_from_step"], second["steps"]) == (None, 4, 6)
-    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert any(not torch.equal(trained[k], v) for k, v in _lora(tmp_path / "run").items())
+    # A checkpoint holds the LoRA and its optimizer state, not the frozen UNet.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-6"
+    unet_bytes = sum(f.stat().st_size for f in (write_tiny_pipeline(home / "tiny") / "unet").iterdir())
+    lora_bytes = (checkpoint / CHECKPOINT_LORA).stat().st_size
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) < 4 * lora_bytes + 100_000 < unet_bytes
+
+
+def test_each_pair_is_encoded_once_per_run(home: Path, tmp_path: Path) -> None:
+    card = train(DPOConfig(home, tmp_path / "run", parent="tiny-sd", steps=30, batch_size=8, rank=4,
+                           checkpoint_every=100, filters=PairFilter(test_share=0.0)))
+    assert card["pairs_encoded"] == card["data"]["train_pairs"] == 48  # 30 steps of 8 draw each pair 5 times
+
+
+def test_bf16_from_the_command_line_trains_and_keeps_the_lora_in_float32(home: Path, tmp_path: Path) -> None:
+    # Its own process: accelerate's state is per process and the other tests' runs set it to full precision.
+    run = subprocess.run([sys.executable, "-m", "train.diffusion_dpo", "--home", str(home), "--out",
+                          str(tmp_path / "run"), "--parent", "tiny-sd", "--name", "tiny-sd+bf16", "--steps", "2",
+                          "--batch-size", "4", "--rank", "4", "--test-share", "0", "--mixed-precision", "bf16"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = json.loads((tmp_path / "run" / "run_card.json").read_text())
+    assert card["mixed_precision"] == "bf16" and np.isfinite(card["metrics"]["last_loss"])
+    assert {t.dtype for t in _lora(tmp_path / "run").values()} == {torch.float32}
+    with pytest.raises(ValueError, match="mixed precision"):
+        DPOConfig(home, tmp_path / "other", parent="tiny-sd", mixed_precision="fp8")
 
 
 def test_two_cpu_processes_train_with_ddp(home: Path, tmp_path: Path) -> None:

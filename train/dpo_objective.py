@@ -4,23 +4,67 @@ benchmark (bench/train_dpo.py, also on a GPU machine without the store's depende
 Winner and loser latents share one noise draw and one timestep, so only the image differs; with
 diff = mse(winner) − mse(loser), the loss is −log σ(β·(ref_diff − model_diff)), β = 2500 in the research
 example; the reference is the same UNet with its LoRA switched off.
+
+The frozen VAE and text encoder see each pair once per run (`EncodedPairs`): their outputs are kept, and every
+step draws fresh latents from the kept VAE moments, as `latent_dist.sample()` would from the pixels.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 
 @dataclass(frozen=True)
 class Frozen:
-    """The parts of the pipeline that do not train."""
+    """The encoders that do not train."""
 
     vae: Any
     text_encoder: Any
-    noise_scheduler: Any
+
+
+# A pair's index → its prompt's token ids (L,) and winner and loser pixels (3, H, W) in [-1, 1].
+PairLoader = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class EncodedPairs:
+    """The frozen encoders' outputs of each training pair, computed the first time the pair is drawn and kept on
+    the CPU: the VAE moments of winner and loser (mean and log-variance), and the prompt's text states.
+
+    The research example encodes both images on every step; here, from a pair's second draw on, a step is the
+    UNet's work alone (bench/RESULTS.md measures both). Kept in float32: 128 KiB an image and 231 KiB a prompt
+    at SD 1.5's 512 px, on the CPU so that many pairs fit."""
+
+    def __init__(self, frozen: Frozen, load: PairLoader) -> None:
+        self.frozen, self.load = frozen, load
+        self.moments: dict[int, torch.Tensor] = {}  # (2, 2C, h, w): winner, loser
+        self.text: dict[int, torch.Tensor] = {}  # (L, D)
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    @torch.no_grad()
+    def _encode(self, indices: Sequence[int], device: torch.device) -> None:
+        ids, winners, losers = (torch.stack(parts) for parts in zip(*(self.load(i) for i in indices)))
+        vae, text_encoder = self.frozen.vae, self.frozen.text_encoder
+        text = text_encoder(ids.to(device))[0].float().cpu()
+        pixels = torch.cat([winners, losers]).to(device, vae.dtype)
+        moments = vae.encode(pixels).latent_dist.parameters.float().cpu()
+        for k, (index, winner, loser) in enumerate(zip(indices, *moments.chunk(2))):
+            self.moments[index], self.text[index] = torch.stack([winner, loser]), text[k]
+
+    def __call__(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the winners then the losers (2B), freshly sampled and scaled, and the text states (2B)."""
+        if missing := [i for i in dict.fromkeys(indices) if i not in self.moments]:
+            self._encode(missing, device)
+        moments = torch.stack([self.moments[i] for i in indices]).to(device).transpose(0, 1).flatten(0, 1)
+        latents = DiagonalGaussianDistribution(moments).sample() * self.frozen.vae.config.scaling_factor
+        text = torch.stack([self.text[i] for i in indices]).to(device)
+        return latents, text.repeat(2, 1, 1)
 
 
 def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,18 +80,13 @@ def _errors(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch
     return (unet(noisy, timesteps, text).sample.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
-def dpo_step_loss(unet: Any, reference: Any, frozen: Frozen, ids: torch.Tensor, winners: torch.Tensor,
-                  losers: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the batch, noise it, and compare the LoRA UNet (`unet`, possibly DDP-wrapped) with itself without
-    the LoRA (`reference`, the unwrapped model whose adapters are switched off for the reference pass)."""
-    device = next(reference.parameters()).device
-    with torch.no_grad():
-        text = frozen.text_encoder(ids.to(device))[0].repeat(2, 1, 1)
-        pixels = torch.cat([winners, losers]).to(device, frozen.vae.dtype)
-        latents = frozen.vae.encode(pixels).latent_dist.sample() * frozen.vae.config.scaling_factor
-    noise = torch.randn_like(latents.chunk(2)[0]).repeat(2, 1, 1, 1)
-    scheduler = frozen.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), device=device).repeat(2)
+def dpo_step_loss(unet: Any, reference: Any, scheduler: Any, latents: torch.Tensor, text: torch.Tensor,
+                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise the winners' and losers' latents (2B) alike and compare the LoRA UNet (`unet`, possibly DDP-wrapped)
+    with itself without the LoRA (`reference`, the unwrapped model whose adapters are off for that pass)."""
+    pairs = len(latents) // 2
+    noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), device=latents.device).repeat(2)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     model_err = _errors(unet, noisy, timesteps, text, target)
