@@ -49,6 +49,7 @@ class System(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("systems.id"))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     weight: Mapped[float] = mapped_column(Float, default=1.0)
+    run_card: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a trained system's training run
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

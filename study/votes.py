@@ -109,6 +109,7 @@ class SystemInfo:
     parent: str | None = None
     enabled: bool = True
     weight: float = 1.0
+    run_card: dict[str, Any] | None = None  # what a trained system was trained on, how, and what it measured
 
 
 def _by_token() -> Select:
@@ -157,7 +158,8 @@ class VoteService:
 
     def register_system(self, task: str, name: str, *, engine: str = "", config: Mapping[str, Any] | None = None,
                         version: str = "1", source: str = "config", parent: str | None = None,
-                        weight: float = 1.0, enabled: bool = True) -> SystemInfo:
+                        weight: float = 1.0, enabled: bool = True,
+                        run_card: Mapping[str, Any] | None = None) -> SystemInfo:
         """Create the system, or update its settings when (task, name) already exists."""
         check_task(task)
         if not name.strip():
@@ -172,6 +174,7 @@ class VoteService:
                 s.add(row)
             row.engine, row.config, row.version, row.source = engine, dict(config or {}), version, source
             row.parent_id, row.weight, row.enabled = parent_id, weight, enabled
+            row.run_card = dict(run_card) if run_card is not None else None
             s.flush()
             return self._info(row, parent)
 
@@ -358,7 +361,7 @@ class VoteService:
     @staticmethod
     def _info(row: System, parent: str | None) -> SystemInfo:
         return SystemInfo(row.id, row.task, row.name, row.engine, dict(row.config or {}), row.version,
-                          row.source, parent, row.enabled, row.weight)
+                          row.source, parent, row.enabled, row.weight, row.run_card)
 
     @staticmethod
     def _system_id(s: Session, task: str, name: str) -> int:

@@ -50,6 +50,25 @@ def test_the_token_lists_and_switches_systems(admin_app: str) -> None:
     client.predict(TOKEN, "generation", "tiny-sd", True, api_name="/admin_switch")
 
 
+def test_a_trained_system_shows_what_its_run_measured(admin_app: str, admin_home: Path) -> None:
+    votes = VoteService(make_engine(f"sqlite:///{admin_home / 'aesarena.db'}"), BlobStore(admin_home / "blobs"))
+    card = {"data": {"votes": 120, "hash": "ab" * 32}, "steps": 200,
+            "metrics": {"first_loss": 0.69, "test": {"dpo_loss_before": 0.693, "dpo_loss_after": 0.41,
+                                                     "winner_preferred_before": 0.5, "winner_preferred_after": 0.75}}}
+    votes.register_system("generation", "tiny-sd+dpo", source="trained", parent="tiny-sd", version="abababababab",
+                          run_card=card, enabled=False)
+    client = Client(admin_app, verbose=False)
+    rows = {row[0]: row for row in client.predict(TOKEN, "generation", api_name="/admin_systems")["data"]}
+    assert rows["tiny-sd+dpo"][1:3] == ["trained", "tiny-sd"] and rows["tiny-sd+dpo"][6] == "120 votes, 200 steps"
+    assert rows["tiny-sd+dpo"][7] == "test dpo_loss: 0.693 → 0.41; test winner_preferred: 0.5 → 0.75"
+    assert rows["tiny-sd"][6:] == ["", ""]
+    assert client.predict(TOKEN, "generation", "tiny-sd+dpo", api_name="/admin_run_card") == card
+    with pytest.raises(Exception, match="has no run card"):
+        client.predict(TOKEN, "generation", "tiny-sd", api_name="/admin_run_card")
+    with pytest.raises(Exception, match="Wrong admin token"):
+        client.predict("wrong", "generation", "tiny-sd+dpo", api_name="/admin_run_card")
+
+
 @pytest.mark.parametrize("token", ["", "wrong", TOKEN[:-1]])
 def test_anyone_else_is_refused_and_nothing_changes(admin_app: str, token: str) -> None:
     client = Client(admin_app, verbose=False)

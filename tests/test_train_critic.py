@@ -102,7 +102,7 @@ def test_dpo_raises_the_likelihood_of_chosen_answers_and_serves_it(method: str, 
     votes = VoteService(make_engine(default_url(home)), BlobStore(home / "blobs"))
     trained = {s.name: s for s in votes.systems("critique")}[f"tiny-llava+{method}"]
     assert (trained.source, trained.parent, trained.engine) == ("trained", "tiny-llava", "engines.critic:Critic")
-    assert trained.version == card["data"]["hash"][:12]
+    assert trained.version == card["data"]["hash"][:12] and trained.run_card["metrics"] == metrics
     critic = Critic(trained.config, device="cpu", dtype="float32", home=home)
     assert isinstance(critic.answer(Image.open(io.BytesIO(_png(0))).convert("RGB"), "how is it?"), str)
     # The saved and reloaded critic is the policy the run card measured, not the parent.

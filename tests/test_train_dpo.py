@@ -67,11 +67,17 @@ def _latents(generator: Generator, seed: int) -> torch.Tensor:
 
 def test_dpo_moves_the_generator_toward_the_preferred_images(home: Path, tmp_path: Path) -> None:
     card = train(DPOConfig(home, tmp_path / "run", parent="tiny-sd", steps=150, batch_size=8, lr=3e-3,
-                           beta=2500.0, rank=8, checkpoint_every=75, filters=PairFilter(test_share=0.0)))
-    assert card["metrics"]["implicit_accuracy_last_10"] > 0.6 and card["metrics"]["last_loss"] < 0.6
+                           beta=2500.0, rank=8, checkpoint_every=75, filters=PairFilter(test_share=0.25)))
+    assert card["metrics"]["implicit_accuracy_last_10"] > 0.6
+    # On prompts it never trained on, the LoRA prefers the brighter image more than the parent does.
+    test = card["metrics"]["test"]
+    assert test["pairs"] == card["data"]["test_pairs"] > 5
+    assert test["dpo_loss_before"] == pytest.approx(np.log(2)) and test["dpo_loss_after"] < 0.6
+    assert test["implicit_accuracy_after"] > 0.6 and test["winner_preferred_after"] > test["winner_preferred_before"]
     votes = VoteService(make_engine(default_url(home)), BlobStore(home / "blobs"))
     trained = {s.name: s for s in votes.systems("generation")}["tiny-sd+dpo"]
     assert (trained.source, trained.parent) == ("trained", "tiny-sd")
+    assert trained.run_card == json.loads((tmp_path / "run" / "run_card.json").read_text())
     # The trained system loads through the generator's own LoRA path, as the arena will serve it.
     child = Generator(trained.config, device="cpu", dtype="float32", home=home)
     parent = Generator(PARENT, device="cpu", dtype="float32", home=home)

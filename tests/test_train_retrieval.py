@@ -133,6 +133,7 @@ def test_aligned_ranker_prefers_what_voters_preferred(home: Path, gallery: dict[
     votes = VoteService(make_engine(default_url(home)), BlobStore(home / "blobs"))
     aligned = {s.name: s for s in votes.systems("retrieval")}["clip+aligned"]
     assert aligned.source == "trained" and aligned.parent == "clip"
+    assert aligned.run_card == json.loads((tmp_path / "run" / RUN_CARD).read_text())
     held_out = [f"new query {i}" for i in range(12)]
     parent = Ranker(PARENT, device="cpu", dtype="float32", home=home)
     trained = Ranker(aligned.config, device="cpu", dtype="float32", home=home)

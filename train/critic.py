@@ -401,9 +401,9 @@ def train(config: CriticTrainConfig) -> dict[str, Any]:
     }
     if accelerator.is_main_process:
         settings = {**parent, **_save(module, trainable, config.out)}
-        write_run_card(config.out, card)
+        written = write_run_card(config.out, card)
         votes.register_system(TASK, name, engine=engine_name, config=settings, source="trained",
-                              parent=config.parent, version=data["hash"][:12])
+                              parent=config.parent, version=data["hash"][:12], run_card=written)
     return card
 
 

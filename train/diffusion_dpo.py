@@ -7,7 +7,9 @@ and "both bad" votes are left out. The LoRA is saved with `save_lora_weights`, s
 profile's `loras`) reads it, and the result is registered as a new generation system beside its parent.
 
 Each pair's images pass the frozen VAE once per run (`EncodedPairs`), and checkpoints hold the LoRA and the
-optimizer's state, not the frozen UNet.
+optimizer's state, not the frozen UNet. The run card compares the trained UNet with its parent on the held-out
+pairs (`held_out_metrics`): the DPO loss, the implicit reward's accuracy, and how often each denoises the winner
+better than the loser.
 
     python -m train.diffusion_dpo --home data --parent tiny-sd --out runs/dpo --steps 200
     accelerate launch --multi_gpu --num_processes 2 -m train.diffusion_dpo …
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
@@ -40,7 +43,7 @@ from study.blobs import BlobStore
 from study.db import default_url, make_engine
 from study.votes import VoteService
 from train.data import PairFilter, decided, preference_pairs
-from train.dpo_objective import EncodedPairs, Frozen, dpo_step_loss
+from train.dpo_objective import EncodedPairs, Frozen, PairLoader, dpo_step_loss, held_out_metrics
 from train.runs import StepTimer, checkpoint_path, data_hash, finished_at, latest_checkpoint, write_run_card
 
 TASK = "generation"
@@ -93,6 +96,19 @@ def _parent_settings(votes: VoteService, parent: str) -> dict[str, Any]:
     raise ValueError(f"there is no generation system {parent!r} in the vote store")
 
 
+def _pair_loader(rows: pd.DataFrame, tokenizer: Any, blobs: BlobStore, resolution: int) -> PairLoader:
+    """A pair's index in `rows` → its prompt's token ids and its winner's and loser's pixels."""
+    with torch.inference_mode():
+        prompt_ids = tokenizer(list(rows.prompt.fillna("")), padding="max_length", truncation=True,
+                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def load(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (prompt_ids[i], image_tensor(blobs, rows.chosen[i], resolution),
+                image_tensor(blobs, rows.rejected[i], resolution))
+
+    return load
+
+
 def checkpoint_lora_only(accelerator: Accelerator, unet: torch.nn.Module) -> None:
     """Make accelerate's checkpoints hold the UNet's LoRA instead of the whole UNet (3.3 GB at SD 1.5 size, all
     of it frozen); the optimizer, RNG and sampler states are saved and restored as before."""
@@ -119,8 +135,8 @@ def train(config: DPOConfig) -> dict[str, Any]:
     votes = VoteService(engine, blobs)
     parent = _parent_settings(votes, config.parent)
     pairs = preference_pairs(engine, blobs, TASK, config.filters, config.export)
-    rows = decided(pairs)
-    rows = rows[rows.split == "train"].reset_index(drop=True)
+    every = decided(pairs)
+    rows, test = (every[every.split == split].reset_index(drop=True) for split in ("train", "test"))
     if rows.empty:
         raise ValueError("no decided training pairs: every vote is a tie, both bad, or a test prompt")
     source = write_tiny_pipeline(config.home / "tiny") if parent["model"] == "tiny" else parent["model"]
@@ -136,15 +152,8 @@ def train(config: DPOConfig) -> dict[str, Any]:
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
     resolution = min(config.resolution, unet.config.sample_size * pipe.vae_scale_factor)
-    with torch.inference_mode():
-        prompt_ids = tokenizer(list(rows.prompt.fillna("")), padding="max_length", truncation=True,
-                               max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-
-    def load_pair(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (prompt_ids[i], image_tensor(blobs, rows.chosen[i], resolution),
-                image_tensor(blobs, rows.rejected[i], resolution))
-
-    encoded = EncodedPairs(Frozen(vae, text_encoder), load_pair)
+    frozen = Frozen(vae, text_encoder)
+    encoded = EncodedPairs(frozen, _pair_loader(rows, tokenizer, blobs, resolution))
     loader = DataLoader(range(len(rows)), batch_size=config.batch_size, shuffle=True,
                         drop_last=len(rows) > config.batch_size)
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=config.lr)
@@ -178,12 +187,18 @@ def train(config: DPOConfig) -> dict[str, Any]:
                 break
     bar.close()
     accelerator.wait_for_everyone()
+    held_out = None
+    if accelerator.is_main_process and len(test):
+        test_pairs = EncodedPairs(frozen, _pair_loader(test, tokenizer, blobs, resolution))
+        with accelerator.autocast():
+            held_out = held_out_metrics(bare, scheduler, test_pairs, range(len(test)), accelerator.device, config.beta,
+                                        seed=config.seed, batch_size=config.batch_size)
     name = config.name or f"{config.parent}+dpo"
     lora_dir = config.out / "lora"
     card = {
         "task": TASK, "trainer": "train.diffusion_dpo", "parent": config.parent, "system": name,
-        "data": {"hash": data_hash(pairs),
-                 "votes": len(pairs), "train_pairs": len(rows), "filters": asdict(config.filters)},
+        "data": {"hash": data_hash(pairs), "votes": len(pairs), "train_pairs": len(rows), "test_pairs": len(test),
+                 "filters": asdict(config.filters)},
         "settings": {k: v for k, v in asdict(config).items() if k not in ("home", "out", "filters", "db")},
         "processes": accelerator.num_processes, "resumed_from_step": resumed, "steps": step,
         "median_step_s": timer.median, "mixed_precision": accelerator.mixed_precision,
@@ -191,16 +206,17 @@ def train(config: DPOConfig) -> dict[str, Any]:
         "metrics": {"first_loss": history[0]["loss"] if history else None,
                     "last_loss": history[-1]["loss"] if history else None,
                     "implicit_accuracy_last_10": (float(np.mean([h["implicit_accuracy"] for h in history[-10:]]))
-                                                  if history else None)},
+                                                  if history else None),
+                    "test": held_out},
         "finished_at": finished_at(),
     }
     if accelerator.is_main_process:
         StableDiffusionPipeline.save_lora_weights(
             lora_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(bare)))
-        write_run_card(config.out, card)
+        written = write_run_card(config.out, card)
         settings = {**parent, "loras": [*parent.get("loras", []), {"path": str(lora_dir.resolve()), "name": "dpo"}]}
         votes.register_system(TASK, name, engine="engines.generator:Generator", config=settings, source="trained",
-                              parent=config.parent, version=card["data"]["hash"][:12])
+                              parent=config.parent, version=card["data"]["hash"][:12], run_card=written)
     return card
 
 

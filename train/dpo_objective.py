@@ -57,12 +57,13 @@ class EncodedPairs:
         for k, (index, winner, loser) in enumerate(zip(indices, *moments.chunk(2))):
             self.moments[index], self.text[index] = torch.stack([winner, loser]), text[k]
 
-    def __call__(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, indices: Sequence[int], device: torch.device,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the winners then the losers (2B), freshly sampled and scaled, and the text states (2B)."""
         if missing := [i for i in dict.fromkeys(indices) if i not in self.moments]:
             self._encode(missing, device)
         moments = torch.stack([self.moments[i] for i in indices]).to(device).transpose(0, 1).flatten(0, 1)
-        latents = DiagonalGaussianDistribution(moments).sample() * self.frozen.vae.config.scaling_factor
+        latents = DiagonalGaussianDistribution(moments).sample(generator) * self.frozen.vae.config.scaling_factor
         text = torch.stack([self.text[i] for i in indices]).to(device)
         return latents, text.repeat(2, 1, 1)
 
@@ -80,20 +81,66 @@ def _errors(unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch
     return (unet(noisy, timesteps, text).sample.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
+def _noised(latents: torch.Tensor, scheduler: Any,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noisy latents, timesteps and targets of winners then losers (2B): one noise draw and one timestep a pair,
+    shared by its winner and loser so that only the image differs."""
+    pairs, device = len(latents) // 2, latents.device
+    draw_on = generator.device if generator is not None else device
+    noise = torch.randn(latents[:pairs].shape, generator=generator, device=draw_on).to(device, latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), generator=generator,
+                              device=draw_on).to(device)
+    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    return noisy, timesteps, target
+
+
+def _reference_errors(reference: Any, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        reference.disable_adapters()
+        try:
+            return _errors(reference, noisy, timesteps, text, target)
+        finally:
+            reference.enable_adapters()
+
+
 def dpo_step_loss(unet: Any, reference: Any, scheduler: Any, latents: torch.Tensor, text: torch.Tensor,
                   beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise the winners' and losers' latents (2B) alike and compare the LoRA UNet (`unet`, possibly DDP-wrapped)
     with itself without the LoRA (`reference`, the unwrapped model whose adapters are off for that pass)."""
-    pairs = len(latents) // 2
-    noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (pairs,), device=latents.device).repeat(2)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    noisy, timesteps, target = _noised(latents, scheduler)
     model_err = _errors(unet, noisy, timesteps, text, target)
-    with torch.no_grad():
-        reference.disable_adapters()
-        try:
-            ref_err = _errors(reference, noisy, timesteps, text, target)
-        finally:
-            reference.enable_adapters()
-    return dpo_loss(model_err, ref_err, beta)
+    return dpo_loss(model_err, _reference_errors(reference, noisy, timesteps, text, target), beta)
+
+
+@torch.no_grad()
+def held_out_metrics(unet: Any, scheduler: Any, encoded: EncodedPairs, indices: Sequence[int], device: torch.device,
+                     beta: float, *, draws: int = 4, seed: int = 0, batch_size: int = 8) -> dict[str, float]:
+    """The trained LoRA UNet (unwrapped) against its parent (the same UNet, adapters off) on held-out pairs, on
+    the same latents, noise and timesteps, `draws` of them a pair, all from `seed`:
+    - dpo_loss: the objective on unseen pairs; the parent's is log 2, as its margin over itself is zero;
+    - implicit_accuracy: the share of draws where the LoRA fits the winner better, relative to the parent,
+      than the loser (the implicit reward's accuracy);
+    - winner_preferred: the share of pairs whose winner the model denoises better than its loser, averaged
+      over the draws (ties count half): the model's own preference, before (parent) and after (trained)."""
+    generator = torch.Generator().manual_seed(seed)
+    model_err, ref_err = [], []  # each (2, pairs) a chunk and draw: winners, losers
+    for _ in range(draws):
+        for start in range(0, len(indices), batch_size):
+            latents, text = encoded(indices[start:start + batch_size], device, generator)
+            noisy, timesteps, target = _noised(latents, scheduler, generator)
+            model_err.append(_errors(unet, noisy, timesteps, text, target).view(2, -1))
+            ref_err.append(_reference_errors(unet, noisy, timesteps, text, target).view(2, -1))
+    model, ref = torch.cat(model_err, dim=1), torch.cat(ref_err, dim=1)  # (2, draws × pairs)
+    loss_before, _ = dpo_loss(ref.flatten(), ref.flatten(), beta)
+    loss_after, implicit_accuracy = dpo_loss(model.flatten(), ref.flatten(), beta)
+
+    def winner_preferred(errors: torch.Tensor) -> float:
+        margin = (errors[1] - errors[0]).view(draws, len(indices)).mean(dim=0)
+        return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+    return {"pairs": len(indices), "draws": draws, "dpo_loss_before": float(loss_before),
+            "dpo_loss_after": float(loss_after), "implicit_accuracy_after": float(implicit_accuracy),
+            "winner_preferred_before": winner_preferred(ref), "winner_preferred_after": winner_preferred(model)}

@@ -403,11 +403,12 @@ def train(config: RetrievalDPOConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         config.out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in text_tower_state(trained.clip).items()}, weights)
-        write_run_card(config.out, card)
+        written = write_run_card(config.out, card)
         if refused is None:
             settings = {**parent, "embedder": {**parent["embedder"], "text_weights": str(weights.resolve())}}
             votes.register_system(TASK, name, engine="engines.retrieval:Ranker", config=settings, source="trained",
-                                  parent=config.parent, version=(card["data"]["hash"] or "grid")[:12])
+                                  parent=config.parent, version=(card["data"]["hash"] or "grid")[:12],
+                                  run_card=written)
     return card
 
 

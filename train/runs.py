@@ -40,12 +40,13 @@ def finished_at() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_run_card(out: Path, card: dict[str, Any]) -> Path:
-    """Write the card as JSON into the run folder (only the main process should call this)."""
+def write_run_card(out: Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Write the card as JSON into the run folder (only the main process should call this); return it as
+    written, paths as strings, for the trained system's registration."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / RUN_CARD
-    path.write_text(json.dumps(card, indent=2, default=str))
-    return path
+    text = json.dumps(card, indent=2, default=str)
+    (out / RUN_CARD).write_text(text)
+    return json.loads(text)
 
 
 class StepTimer:
